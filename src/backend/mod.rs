@@ -1,0 +1,93 @@
+//! The `Backend` trait every key store implements (soft now; PKCS#11, TPM, PIV later).
+//! Methods default to `unsupported`, PARSEC-style, so a backend implements only what it can.
+
+pub mod material;
+pub mod soft;
+
+use crate::error::{Error, Result};
+use crate::model::{Algorithm, BackendKind, KeyName, KeyRef, KeyType};
+pub use material::SecretKeyMaterial;
+
+/// What to create: the key's name, version and type.
+#[derive(Clone, Debug)]
+pub struct KeySpec {
+    pub name: KeyName,
+    pub version: u32,
+    pub key_type: KeyType,
+}
+
+/// Public information about a key version, recorded in its metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicInfo {
+    /// SubjectPublicKeyInfo DER; `None` for symmetric (HMAC) keys.
+    pub spki_der: Option<Vec<u8>>,
+    /// `SHA256:<base64>` of the SPKI, or for HMAC a one-way tag of the secret.
+    pub fingerprint: String,
+}
+
+/// A newly created or imported key version.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    pub key_ref: KeyRef,
+    pub public: PublicInfo,
+}
+
+/// A signature in its canonical form; profiles and the `sign` op encode it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    /// ECDSA: raw r‖s (fixed width); RSA: the signature bytes; Ed25519: 64 bytes; HMAC: the tag.
+    pub bytes: Vec<u8>,
+    /// secp256k1 only: recovery id 0 or 1 (of the low-s signature).
+    pub recovery_id: Option<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down(String),
+}
+
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Cheap liveness check; drives reconnects and metrics.
+    fn health(&self) -> Health {
+        Health::Up
+    }
+
+    fn generate(&self, spec: &KeySpec) -> Result<NewKey> {
+        Err(unsupported(
+            self.kind(),
+            &format!("generating {}", spec.key_type),
+        ))
+    }
+
+    fn import(&self, spec: &KeySpec, secret: SecretKeyMaterial) -> Result<NewKey> {
+        let _ = secret;
+        Err(unsupported(
+            self.kind(),
+            &format!("importing {}", spec.key_type),
+        ))
+    }
+
+    fn sign(&self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
+        let _ = (key, msg);
+        Err(unsupported(self.kind(), &format!("signing with {alg}")))
+    }
+
+    /// Whether `sign` for this algorithm finishes in microseconds (run inline rather than
+    /// queued to a worker thread).
+    fn is_fast(&self, alg: Algorithm) -> bool {
+        let _ = alg;
+        false
+    }
+
+    fn delete(&self, key: &KeyRef) -> Result<()> {
+        let _ = key;
+        Err(unsupported(self.kind(), "deleting keys"))
+    }
+}
+
+pub fn unsupported(kind: BackendKind, what: &str) -> Error {
+    Error::Unsupported(format!("backend {kind} does not support {what}"))
+}

@@ -1,0 +1,174 @@
+//! `keyward.toml`: the operator's configuration, parsed strictly (unknown keys are errors).
+//! A file that fails to parse is reported with line and column and never half-applied.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::secret::SecretSource;
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Socket path; `$KEYWARD_SOCK` overrides it.
+    pub socket: Option<PathBuf>,
+    /// Where the identity passphrase comes from: `env:NAME`, `file:PATH` or `prompt`.
+    pub passphrase: Option<String>,
+    /// Signing worker threads for slow operations (RSA); 0 = number of cores.
+    #[serde(default)]
+    pub workers: usize,
+    /// Signing jobs that may wait for a worker before new ones are answered `busy`.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Connections served at once; further ones are closed immediately.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests one connection may have in flight (pipelining window).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// `human` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_queue() -> usize {
+    1024
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_log_format() -> String {
+    "human".into()
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            socket: None,
+            passphrase: None,
+            workers: 0,
+            queue: default_queue(),
+            max_connections: default_max_connections(),
+            max_in_flight: default_max_in_flight(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate; errors carry the file name, line and column.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            Error::Config(format!(
+                "{}:{line}:{col}: {}",
+                origin.display(),
+                e.message()
+            ))
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Load `path`; a missing file means all defaults.
+    pub fn load(path: &Path) -> Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(e).ctx(format!("reading {}", path.display())),
+        }
+    }
+
+    fn validate(&self, origin: &Path) -> Result<()> {
+        let a = &self.agent;
+        if let Some(p) = &a.passphrase {
+            p.parse::<SecretSource>().map_err(|e| {
+                Error::Config(format!("{}: agent.passphrase: {e}", origin.display()))
+            })?;
+        }
+        if !matches!(a.log_format.as_str(), "human" | "json") {
+            return Err(Error::Config(format!(
+                "{}: agent.log_format must be \"human\" or \"json\"",
+                origin.display()
+            )));
+        }
+        if a.queue == 0 || a.max_connections == 0 || a.max_in_flight == 0 {
+            return Err(Error::Config(format!(
+                "{}: agent.queue, agent.max_connections and agent.max_in_flight must be > 0",
+                origin.display()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn workers(&self) -> usize {
+        if self.agent.workers > 0 {
+            self.agent.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+/// The file `keyward init` writes: every setting, commented, at its default.
+pub const DEFAULT_CONFIG: &str = r#"# keyward configuration. Unknown keys are errors; see docs/quickstart.md.
+
+[agent]
+# socket = "/run/user/1000/keyward/agent.sock"   # default: $KEYWARD_SOCK, else $XDG_RUNTIME_DIR/keyward/agent.sock, else <home>/run/agent.sock
+# passphrase = "env:KEYWARD_PASSPHRASE"         # env:NAME | file:PATH (mode 0600) | prompt
+# workers = 0                                   # signing threads for slow operations; 0 = cores
+# queue = 1024                                  # queued signing jobs before new ones get `busy`
+# max_connections = 4096
+# max_in_flight = 256                           # pipelined requests per connection
+# log_format = "human"                          # or "json"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_parses_to_defaults() {
+        let c = Config::parse(DEFAULT_CONFIG, Path::new("k.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_line_and_column() {
+        let text = "[agent]\nqueue = 10\nqueu = 3\n";
+        let e = Config::parse(text, Path::new("k.toml")).unwrap_err();
+        assert_eq!(e.code(), "config");
+        let m = e.to_string();
+        assert!(m.starts_with("k.toml:3:1:"), "{m}");
+        assert!(m.contains("queu"), "{m}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_sources_are_errors() {
+        assert!(Config::parse("[agent]\nqueue = \"x\"\n", Path::new("k")).is_err());
+        assert!(Config::parse("[agent]\npassphrase = \"hunter2\"\n", Path::new("k")).is_err());
+        assert!(Config::parse("[agent]\nqueue = 0\n", Path::new("k")).is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! The only place keyward calls libc directly: process hardening and memory locking.
+//! Everything here is a thin, documented wrapper so the rest of the crate stays safe code.
+#![allow(unsafe_code)]
+
+use std::io;
+
+/// Make the process non-dumpable and forbid core files, so key material in memory can neither
+/// be written to a core dump nor read by a same-uid `ptrace`/`/proc/<pid>/mem`.
+pub fn disable_core_dumps() -> io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: PR_SET_DUMPABLE takes one integer argument; the unused ones are ignored.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Files and directories the agent creates are private to its user.
+pub fn set_private_umask() {
+    // SAFETY: umask cannot fail and touches only process state.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Whether the process is currently dumpable (read back for `status` and tests).
+pub fn is_dumpable() -> bool {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
+}
+
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no failure mode and no arguments.
+    unsafe { libc::geteuid() }
+}
+
+/// Lock `len` bytes at `ptr` into RAM so they are never swapped out. Best effort: the caller
+/// decides what a failure (RLIMIT_MEMLOCK) means.
+pub fn mlock(ptr: *const u8, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    // SAFETY: mlock only changes page residency of an address range; it never dereferences
+    // it, and the caller passes a range it owns.
+    unsafe { libc::mlock(ptr.cast(), len) == 0 }
+}
+
+pub fn munlock(ptr: *const u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: as for mlock; unlocking a range that was never locked is harmless.
+    unsafe {
+        libc::munlock(ptr.cast(), len);
+    }
+}
+
+/// Remove an environment variable that carried a secret, before any other thread exists.
+pub fn scrub_env(name: &str) {
+    // `remove_var` is only unsound when another thread reads the environment at the same
+    // time; callers use this during single-threaded start-up.
+    std::env::remove_var(name);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mlock_of_a_small_buffer_succeeds_or_reports_false() {
+        let buf = vec![1u8; 64];
+        let locked = super::mlock(buf.as_ptr(), buf.len());
+        if locked {
+            super::munlock(buf.as_ptr(), buf.len());
+        }
+    }
+}
