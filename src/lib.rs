@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod home;
 pub mod identity;
 pub mod keystore;
 pub mod model;
+pub mod policy;
 pub mod proto;
 pub mod pubkey;
 pub mod secret;

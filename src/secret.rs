@@ -109,6 +109,9 @@ pub enum SecretSource {
     Env(String),
     /// `file:PATH` — must be a regular file, mode 0600 (or stricter), owned by this user.
     File(PathBuf),
+    /// `stdin` — read standard input to its end (for scripts and for `keyward agent`, which
+    /// hands a prompted passphrase to its background process this way).
+    Stdin,
     /// `prompt` — ask on the terminal.
     Prompt,
 }
@@ -130,9 +133,11 @@ impl FromStr for SecretSource {
             Ok(SecretSource::File(PathBuf::from(p)))
         } else if s == "prompt" {
             Ok(SecretSource::Prompt)
+        } else if s == "stdin" {
+            Ok(SecretSource::Stdin)
         } else {
             Err(Error::BadRequest(format!(
-                "secret source must be env:NAME, file:PATH or prompt, not {:?}",
+                "secret source must be env:NAME, file:PATH, stdin or prompt, not {:?}",
                 s.chars().take(40).collect::<String>()
             )))
         }
@@ -155,6 +160,9 @@ impl SecretSource {
                 check_private_file(path)?;
                 let f = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
                 Ok(read_secret(f, 64 * 1024)?.trim_one_newline())
+            }
+            SecretSource::Stdin => {
+                Ok(read_secret(std::io::stdin().lock(), 64 * 1024)?.trim_one_newline())
             }
             SecretSource::Prompt => {
                 if !std::io::stdin().is_terminal() {

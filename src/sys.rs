@@ -73,7 +73,7 @@ pub fn scrub_env(name: &str) {
 mod tests {
     #[test]
     fn mlock_of_a_small_buffer_succeeds_or_reports_false() {
-        let buf = vec![1u8; 64];
+        let buf = [1u8; 64];
         let locked = super::mlock(buf.as_ptr(), buf.len());
         if locked {
             super::munlock(buf.as_ptr(), buf.len());

@@ -1,1 +1,122 @@
+//! keyward-agent: the daemon that holds keys and answers signing requests on a local socket.
+//! `run` hardens the process, unlocks the keys, binds the socket and serves until SIGTERM.
+#![forbid(unsafe_code)]
 
+// Explicit paths: the `keyward` binary compiles these same files as one of its modules
+// (see docs/decisions.md), and must find them relative to this file.
+#[path = "dispatch.rs"]
+pub mod dispatch;
+#[path = "pool.rs"]
+pub mod pool;
+#[path = "server.rs"]
+pub mod server;
+#[path = "signals.rs"]
+pub mod signals;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward::backend::soft::SoftBackend;
+use keyward::config::Config;
+use keyward::home::Home;
+use keyward::secret::SecretSource;
+use keyward::{Error, Result};
+
+/// How long SIGTERM waits for in-flight requests before closing connections.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Start-up options; everything else comes from keyward.toml.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Options {
+    /// Identity passphrase source: env:NAME, file:PATH (mode 0600), stdin or prompt
+    /// (default: agent.passphrase from keyward.toml, else prompt).
+    #[arg(long, value_name = "SOURCE")]
+    pub passphrase: Option<String>,
+    /// Socket path (default: $KEYWARD_SOCK, agent.socket, $XDG_RUNTIME_DIR/keyward/agent.sock,
+    /// <home>/run/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Log format: human or json (default: agent.log_format).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// Run the agent in the foreground until SIGTERM/SIGINT. Blocks.
+pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
+    // Hardening first, before any secret is read.
+    keyward::sys::set_private_umask();
+    keyward::sys::disable_core_dumps().map_err(|e| Error::io("disabling core dumps", e))?;
+
+    let home = Home::open(home.as_deref())?;
+    home.sweep_temp_files();
+    let config = Config::load(&home.config_path())?;
+    init_logging(
+        opts.log_format
+            .as_deref()
+            .unwrap_or(&config.agent.log_format),
+    );
+
+    let source: SecretSource = match opts
+        .passphrase
+        .as_deref()
+        .or(config.agent.passphrase.as_deref())
+    {
+        Some(s) => s.parse()?,
+        None => SecretSource::Prompt,
+    };
+    let passphrase = source.read("identity passphrase")?;
+    let identity = keyward::identity::unlock(&home, &passphrase)?;
+    drop(passphrase);
+    let recipient = identity.to_public();
+    let soft = SoftBackend::new(&home.keys_dir(), recipient, Some(identity));
+
+    let socket = match &opts.socket {
+        Some(p) => p.clone(),
+        None => keyward::proto::socket_path(config.agent.socket.as_deref(), home.root()),
+    };
+    let workers = config.workers();
+    let state = Arc::new(dispatch::State::new(home, socket.clone(), config, soft)?);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyward-io")
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))?;
+    rt.block_on(async move {
+        let listener = server::bind(&socket)?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(signals::watch_signals(state.clone(), tx));
+        tracing::info!(
+            socket = %socket.display(),
+            pid = std::process::id(),
+            workers,
+            keys = state.status_keys(),
+            "keyward agent ready"
+        );
+        // A line on stdout for supervisors and scripts that wait for readiness.
+        println!(
+            "keyward-agent ready socket={} pid={}",
+            socket.display(),
+            std::process::id()
+        );
+        server::serve(listener, state, rx, DRAIN).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -32,10 +32,13 @@ enum SoftKey {
     Ecdsa(EcdsaKeyPair),
     Rsa(RsaKeyPair),
     Secp256k1(k256::ecdsa::SigningKey),
-    Hmac {
-        sha256: aws_lc_rs::hmac::Key,
-        sha512: aws_lc_rs::hmac::Key,
-    },
+    Hmac(Box<HmacKeys>),
+}
+
+/// Both digests' keys for one HMAC secret (an exchange issues one secret; the scheme picks).
+struct HmacKeys {
+    sha256: aws_lc_rs::hmac::Key,
+    sha512: aws_lc_rs::hmac::Key,
 }
 
 impl SoftKey {
@@ -64,10 +67,10 @@ impl SoftKey {
             KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
                 SoftKey::Rsa(RsaKeyPair::from_pkcs8(der).map_err(|e| bad(&e))?)
             }
-            KeyType::HmacSha256 | KeyType::HmacSha512 => SoftKey::Hmac {
+            KeyType::HmacSha256 | KeyType::HmacSha512 => SoftKey::Hmac(Box::new(HmacKeys {
                 sha256: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, der),
                 sha512: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA512, der),
-            },
+            })),
         })
     }
 
@@ -114,11 +117,11 @@ impl SoftKey {
                 };
                 secp256k1_sign(sk, &digest)
             }
-            (SoftKey::Hmac { sha256, sha512 }, Algorithm::HmacSha256 | Algorithm::HmacSha512) => {
+            (SoftKey::Hmac(keys), Algorithm::HmacSha256 | Algorithm::HmacSha512) => {
                 let key = if alg == Algorithm::HmacSha256 {
-                    sha256
+                    &keys.sha256
                 } else {
-                    sha512
+                    &keys.sha512
                 };
                 Ok(plain(aws_lc_rs::hmac::sign(key, msg).as_ref().to_vec()))
             }

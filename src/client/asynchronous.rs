@@ -48,20 +48,15 @@ impl AsyncClient {
 
         let p = pending.clone();
         tokio::spawn(async move {
-            loop {
-                match frame::read_async(&mut rd).await {
-                    Ok(Some(body)) => {
-                        let Ok(resp) = serde_json::from_slice::<Response>(&body) else {
-                            break;
-                        };
-                        if let Some(id) = resp.id {
-                            let waiter = p.lock().ok().and_then(|mut m| m.remove(&id));
-                            if let Some(w) = waiter {
-                                let _ = w.send(resp);
-                            }
-                        }
+            while let Ok(Some(body)) = frame::read_async(&mut rd).await {
+                let Ok(resp) = serde_json::from_slice::<Response>(&body) else {
+                    break;
+                };
+                if let Some(id) = resp.id {
+                    let waiter = p.lock().ok().and_then(|mut m| m.remove(&id));
+                    if let Some(w) = waiter {
+                        let _ = w.send(resp);
                     }
-                    _ => break,
                 }
             }
             // Connection gone: fail every waiter (dropping the senders wakes them).

@@ -1,0 +1,404 @@
+//! The request path: identity → key lookup → lock state → backend (inline or worker pool) →
+//! response. Every failure becomes an error value with a stable code; nothing here panics.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use keyward::backend::soft::SoftBackend;
+use keyward::backend::Backend;
+use keyward::config::Config;
+use keyward::home::Home;
+use keyward::keystore::{KeyMeta, Keystore};
+use keyward::model::{Algorithm, ClientIdentity, KeyName, KeyRef, KeyType};
+use keyward::policy::locks::Locks;
+use keyward::proto::{
+    BackendStatus, HelloResult, KeyInfo, Op, PublicKeyResult, SignResult, StatusResult,
+    PROTOCOL_VERSION,
+};
+use keyward::{pubkey, Error, Result};
+use serde_json::{json, Value};
+use sha3::Digest;
+
+use super::pool::Pool;
+
+/// One key as the agent serves it.
+struct Served {
+    meta: KeyMeta,
+    current: KeyRef,
+    /// Set when the key's material could not be loaded: the key answers with this error.
+    load_error: Option<String>,
+    address: Option<String>,
+}
+
+/// Everything a request may read; swapped as a whole on reload.
+struct Table {
+    keys: HashMap<KeyName, Arc<Served>>,
+}
+
+pub struct State {
+    pub home: Home,
+    pub socket: PathBuf,
+    started: Instant,
+    agent_uid: u32,
+    soft: Arc<SoftBackend>,
+    pool: Pool,
+    table: RwLock<Arc<Table>>,
+    config: RwLock<Arc<Config>>,
+    locks: Mutex<Locks>,
+    pub connections: AtomicUsize,
+    pub requests: AtomicU64,
+}
+
+impl State {
+    pub fn new(home: Home, socket: PathBuf, config: Config, soft: SoftBackend) -> Result<State> {
+        let locks = Locks::load(&home.state_dir())?;
+        let pool = Pool::new(config.workers(), config.agent.queue);
+        let state = State {
+            socket,
+            started: Instant::now(),
+            agent_uid: keyward::sys::effective_uid(),
+            soft: Arc::new(soft),
+            pool,
+            table: RwLock::new(Arc::new(Table {
+                keys: HashMap::new(),
+            })),
+            config: RwLock::new(Arc::new(config)),
+            locks: Mutex::new(locks),
+            connections: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            home,
+        };
+        state.load_keys()?;
+        Ok(state)
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.table
+            .read()
+            .map(|t| t.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Read every key's metadata and decrypt its versions; swap the table in one step, so
+    /// in-flight requests finish with the table they started with.
+    fn load_keys(&self) -> Result<usize> {
+        let metas = Keystore::new(&self.home).list()?;
+        let mut keys = HashMap::new();
+        let mut refs = Vec::new();
+        for meta in metas {
+            let current = match meta.current_version() {
+                Ok(v) => meta.key_ref(v),
+                Err(e) => {
+                    tracing::error!(key = %meta.name, "metadata has no current version: {e}");
+                    continue;
+                }
+            };
+            let mut load_error = None;
+            for v in &meta.versions {
+                let r = meta.key_ref(v);
+                if let Err(e) = self.soft.load(&r, meta.key_type) {
+                    tracing::error!(key = %meta.name, version = v.version, code = e.code(), "cannot load key: {e}");
+                    if v.version == meta.current {
+                        load_error = Some(format!(
+                            "key `{}` could not be loaded ({})",
+                            meta.name,
+                            e.code()
+                        ));
+                    }
+                }
+                refs.push(r);
+            }
+            let address = if meta.key_type == KeyType::Secp256k1 {
+                meta.current_version()
+                    .ok()
+                    .and_then(|v| v.spki_der().ok().flatten())
+                    .and_then(|d| pubkey::raw_public_key(&d).ok())
+                    .and_then(|raw| pubkey::eth_address(&raw).ok())
+            } else {
+                None
+            };
+            keys.insert(
+                meta.name.clone(),
+                Arc::new(Served {
+                    meta,
+                    current,
+                    load_error,
+                    address,
+                }),
+            );
+        }
+        self.soft.retain(&refs);
+        let n = keys.len();
+        match self.table.write() {
+            Ok(mut t) => *t = Arc::new(Table { keys }),
+            Err(p) => *p.into_inner() = Arc::new(Table { keys }),
+        }
+        Ok(n)
+    }
+
+    /// Re-read keyward.toml and the key registry. A bad config keeps the running one.
+    pub fn reload(&self) -> Result<usize> {
+        let cfg = Config::load(&self.home.config_path())?;
+        let n = self.load_keys()?;
+        match self.config.write() {
+            Ok(mut c) => *c = Arc::new(cfg),
+            Err(p) => *p.into_inner() = Arc::new(cfg),
+        }
+        Ok(n)
+    }
+
+    pub fn status_keys(&self) -> usize {
+        self.table().keys.len()
+    }
+
+    fn is_admin(&self, who: &ClientIdentity) -> bool {
+        who.uid == 0 || who.uid == self.agent_uid
+    }
+
+    /// Whether this peer may use the agent at all (until policy names clients: the agent's
+    /// own user and root).
+    pub fn admits(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.agent_uid
+    }
+
+    pub async fn handle(&self, who: &ClientIdentity, op: Op) -> Result<Value> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match op {
+            Op::Hello { version, token: _ } => {
+                if let Some(v) = version {
+                    if v != PROTOCOL_VERSION {
+                        return Err(Error::BadRequest(format!(
+                            "protocol version {v} is not supported (this agent speaks {PROTOCOL_VERSION})"
+                        )));
+                    }
+                }
+                to_value(HelloResult {
+                    protocol: PROTOCOL_VERSION,
+                    agent_version: keyward::VERSION.into(),
+                    client: who.name.clone(),
+                    uid: who.uid,
+                    admin: self.is_admin(who),
+                })
+            }
+            Op::ListKeys {} => self.list_keys(),
+            Op::PublicKey { key, format } => self.public_key(&key, format.as_deref()),
+            Op::Sign { key, data, scheme } => self.sign(&key, &data, scheme.as_deref()).await,
+            Op::Status {} => self.status(),
+            Op::Lock { key, all, reason } => {
+                self.require_admin(who)?;
+                let target = lock_target(key.as_ref(), all)?;
+                if let Some(k) = target {
+                    self.served(k)?;
+                }
+                if let Some(r) = &reason {
+                    if r.chars().any(char::is_control) {
+                        return Err(Error::BadRequest(
+                            "reason must not contain control characters".into(),
+                        ));
+                    }
+                }
+                self.with_locks(|l| l.lock(target, reason.clone(), who.uid))?;
+                tracing::warn!(uid = who.uid, key = ?target.map(KeyName::as_str), reason = ?reason, "signing locked");
+                Ok(json!({"locked": true, "locks": self.with_locks(|l| Ok(l.list()))?}))
+            }
+            Op::Unlock { key, all } => {
+                self.require_admin(who)?;
+                let target = lock_target(key.as_ref(), all)?;
+                self.with_locks(|l| l.unlock(target))?;
+                tracing::warn!(uid = who.uid, key = ?target.map(KeyName::as_str), "signing unlocked");
+                Ok(json!({"locked": false, "locks": self.with_locks(|l| Ok(l.list()))?}))
+            }
+            Op::Reload {} => {
+                self.require_admin(who)?;
+                let n = self.reload()?;
+                tracing::info!(uid = who.uid, keys = n, "reloaded");
+                Ok(json!({"reloaded": true, "keys": n}))
+            }
+        }
+    }
+
+    fn require_admin(&self, who: &ClientIdentity) -> Result<()> {
+        if self.is_admin(who) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(
+                "this operation needs an admin client".into(),
+            ))
+        }
+    }
+
+    fn with_locks<T>(&self, f: impl FnOnce(&mut Locks) -> Result<T>) -> Result<T> {
+        let mut g = self
+            .locks
+            .lock()
+            .map_err(|_| Error::Internal("lock state poisoned".into()))?;
+        f(&mut g)
+    }
+
+    fn served(&self, key: &KeyName) -> Result<Arc<Served>> {
+        self.table()
+            .keys
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::UnknownKey(key.to_string()))
+    }
+
+    fn list_keys(&self) -> Result<Value> {
+        let table = self.table();
+        let mut names: Vec<&KeyName> = table.keys.keys().collect();
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let s = &table.keys[name];
+            let v = s.meta.current_version()?;
+            out.push(KeyInfo {
+                name: name.to_string(),
+                key_type: s.meta.key_type.to_string(),
+                backend: s.meta.backend.to_string(),
+                env: format!("{:?}", s.meta.env).to_lowercase(),
+                version: s.meta.current,
+                fingerprint: v.fingerprint.clone(),
+                disabled: s.meta.disabled,
+                locked: self.with_locks(|l| Ok(l.is_locked(name)))?,
+                profiles: s.meta.profiles.clone(),
+                address: s.address.clone(),
+            });
+        }
+        Ok(json!({ "keys": out }))
+    }
+
+    fn public_key(&self, key: &KeyName, format: Option<&str>) -> Result<Value> {
+        let s = self.served(key)?;
+        let format: pubkey::Format = format.unwrap_or("pem").parse()?;
+        let v = s.meta.current_version()?;
+        let spki = v.spki_der()?.ok_or_else(|| {
+            Error::Unsupported(format!(
+                "key `{key}` is {}: it has no public key",
+                s.meta.key_type
+            ))
+        })?;
+        to_value(PublicKeyResult {
+            key: key.to_string(),
+            key_type: s.meta.key_type.to_string(),
+            version: s.meta.current,
+            format: format!("{format:?}").to_lowercase(),
+            fingerprint: v.fingerprint.clone(),
+            public_key: pubkey::encode(s.meta.key_type, &spki, format, key.as_str())?,
+            address: s.address.clone(),
+        })
+    }
+
+    async fn sign(&self, key: &KeyName, data: &str, scheme: Option<&str>) -> Result<Value> {
+        let s = self.served(key)?;
+        if s.meta.disabled {
+            return Err(Error::KeyDisabled(key.to_string()));
+        }
+        self.with_locks(|l| l.check(key))?;
+        if let Some(e) = &s.load_error {
+            return Err(Error::BackendUnavailable(e.clone()));
+        }
+        let alg = match scheme {
+            Some(name) => name.parse::<Algorithm>()?,
+            None => s.meta.key_type.default_algorithm(),
+        };
+        if !s.meta.key_type.supports(alg) {
+            return Err(Error::BadRequest(format!(
+                "scheme {alg} does not fit key `{key}` ({})",
+                s.meta.key_type
+            )));
+        }
+        let msg = STANDARD
+            .decode(data)
+            .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
+        let backend = self.soft.clone();
+        let key_ref = s.current.clone();
+        let sig = if backend.is_fast(alg) {
+            backend.sign(&key_ref, alg, &msg)?
+        } else {
+            let msg = msg.clone();
+            self.pool
+                .run(move || backend.sign(&key_ref, alg, &msg))
+                .await?
+        };
+        let (signature, digest) = match sig.recovery_id {
+            Some(rid) => {
+                let mut b = sig.bytes;
+                b.push(27 + rid);
+                (
+                    b,
+                    Some(format!("0x{}", hex::encode(secp256k1_digest(alg, &msg)))),
+                )
+            }
+            None => (sig.bytes, None),
+        };
+        to_value(SignResult {
+            key: key.to_string(),
+            version: s.meta.current,
+            scheme: alg.to_string(),
+            signature: STANDARD.encode(signature),
+            digest,
+        })
+    }
+
+    fn status(&self) -> Result<Value> {
+        to_value(StatusResult {
+            agent_version: keyward::VERSION.into(),
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            socket: self.socket.display().to_string(),
+            home: self.home.root().display().to_string(),
+            keys: self.table().keys.len(),
+            connections: self.connections.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            queue_depth: self.pool.depth(),
+            workers: self.pool.workers(),
+            dumpable: keyward::sys::is_dumpable(),
+            locks: self.with_locks(|l| Ok(l.list()))?,
+            backends: vec![BackendStatus {
+                kind: self.soft.kind().to_string(),
+                up: true,
+                detail: None,
+            }],
+        })
+    }
+}
+
+fn lock_target(key: Option<&KeyName>, all: bool) -> Result<Option<&KeyName>> {
+    match (key, all) {
+        (Some(k), false) => Ok(Some(k)),
+        (None, true) => Ok(None),
+        _ => Err(Error::BadRequest(
+            "give exactly one of `key` or `all: true`".into(),
+        )),
+    }
+}
+
+/// The digest a secp256k1 scheme signed (reported so callers can check what was signed).
+fn secp256k1_digest(alg: Algorithm, msg: &[u8]) -> Vec<u8> {
+    match alg {
+        Algorithm::EcdsaSecp256k1Keccak256 => sha3::Keccak256::digest(msg).to_vec(),
+        Algorithm::EcdsaSecp256k1Sha256 => {
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
+                .as_ref()
+                .to_vec()
+        }
+        _ => msg.to_vec(),
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::Internal(format!("encoding result: {e}")))
+}

@@ -1,0 +1,121 @@
+//! Worker threads for slow signing operations (RSA, devices), behind a bounded queue.
+//! A full queue answers `busy` at once: the agent never lets callers pile up unboundedly.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use keyward::{Error, Result};
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+pub struct Pool {
+    tx: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    workers: usize,
+}
+
+impl Pool {
+    pub fn new(workers: usize, queue: usize) -> Pool {
+        let (tx, rx) = sync_channel::<Job>(queue);
+        let rx = Arc::new(Mutex::new(rx));
+        let depth = Arc::new(AtomicUsize::new(0));
+        for i in 0..workers.max(1) {
+            let rx = rx.clone();
+            let depth = depth.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("keyward-sign-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => {
+                            depth.fetch_sub(1, Ordering::Relaxed);
+                            job();
+                        }
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start signing worker {i}: {e}");
+            }
+        }
+        Pool {
+            tx,
+            depth,
+            workers: workers.max(1),
+        }
+    }
+
+    /// Run `f` on a worker; `busy` immediately if the queue is full.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        let (otx, orx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = otx.send(f());
+        });
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                return Err(Error::Busy("the signing queue is full".into()));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                return Err(Error::Internal("signing workers are gone".into()));
+            }
+        }
+        orx.await
+            .map_err(|_| Error::Internal("a signing worker dropped a job".into()))?
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn full_queue_answers_busy_at_once() {
+        let pool = Arc::new(Pool::new(1, 1));
+        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        let block_rx = Arc::new(Mutex::new(block_rx));
+        // Occupy the worker, then fill the one queue slot.
+        let p = pool.clone();
+        let b = block_rx.clone();
+        let first = tokio::spawn(async move {
+            p.run(move || {
+                let _ = b.lock().map(|r| r.recv());
+                Ok(1)
+            })
+            .await
+        });
+        while pool.depth() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let p = pool.clone();
+        let second = tokio::spawn(async move { p.run(|| Ok(2)).await });
+        while pool.depth() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let third = pool.run(|| Ok(3)).await;
+        assert_eq!(third.unwrap_err().code(), "busy");
+        block_tx.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+    }
+}

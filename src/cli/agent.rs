@@ -1,0 +1,167 @@
+//! `keyward agent`: run the daemon in the foreground, or start it in the background and wait
+//! until its socket answers. A prompted passphrase reaches the background process on a pipe.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyward::client::Client;
+use keyward::config::Config;
+use keyward::home::Home;
+use keyward::secret::SecretSource;
+use keyward::{Error, Result};
+use serde_json::json;
+
+use super::Ctx;
+use crate::keyward_agent;
+
+/// How long the background start may take (scrypt unlock + loading keys).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Stay in the foreground (log to stderr) instead of starting in the background.
+    #[arg(long)]
+    foreground: bool,
+    #[command(flatten)]
+    opts: keyward_agent::Options,
+}
+
+pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
+    if a.foreground {
+        return keyward_agent::run(ctx.home.clone(), a.opts);
+    }
+    let home = Home::open(ctx.home.as_deref())?;
+    let config = Config::load(&home.config_path())?;
+    let socket = match &a.opts.socket {
+        Some(p) => p.clone(),
+        None => keyward::proto::socket_path(config.agent.socket.as_deref(), home.root()),
+    };
+    if Client::connect(&socket).is_ok() {
+        return Err(Error::AlreadyExists(format!(
+            "an agent is already listening on {}",
+            socket.display()
+        )));
+    }
+    let source: SecretSource = match a
+        .opts
+        .passphrase
+        .as_deref()
+        .or(config.agent.passphrase.as_deref())
+    {
+        Some(s) => s.parse()?,
+        None => SecretSource::Prompt,
+    };
+    // Read a prompted (or stdin) passphrase here, where the terminal is, and hand it over.
+    let piped = match source {
+        SecretSource::Prompt | SecretSource::Stdin => Some(source.read("identity passphrase")?),
+        _ => None,
+    };
+
+    let log_path = home.root().join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| Error::io("duplicating the log handle", e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating the keyward binary", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--home")
+        .arg(home.root())
+        .arg("agent")
+        .arg("--foreground")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--passphrase");
+    match &piped {
+        Some(_) => cmd.arg("stdin"),
+        None => cmd.arg(
+            a.opts
+                .passphrase
+                .as_deref()
+                .or(config.agent.passphrase.as_deref())
+                .unwrap_or("prompt"),
+        ),
+    };
+    if let Some(f) = &a.opts.log_format {
+        cmd.arg("--log-format").arg(f);
+    }
+    cmd.stdin(if piped.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::from(log))
+    .stderr(Stdio::from(log_err))
+    // Own process group: a Ctrl-C in this terminal must not stop the agent.
+    .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io("starting the agent process", e))?;
+    if let (Some(pass), Some(mut stdin)) = (piped, child.stdin.take()) {
+        stdin
+            .write_all(pass.expose())
+            .map_err(|e| Error::io("handing the passphrase to the agent", e))?;
+    }
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Error::io("waiting for the agent", e))?
+        {
+            return Err(startup_failure(&log_path, status.code()));
+        }
+        if let Ok(mut c) = Client::connect(&socket) {
+            let _ = c.set_timeout(Some(Duration::from_secs(5)));
+            if let Ok(st) = c.status() {
+                let sock = socket.display().to_string();
+                ctx.emit(
+                    &json!({"pid": st.pid, "socket": sock, "log": log_path.display().to_string(), "keys": st.keys}),
+                    || {
+                        format!(
+                            "agent started (pid {}), {} keys, socket {sock}\n  log: {}\n  export KEYWARD_SOCK={sock}",
+                            st.pid,
+                            st.keys,
+                            log_path.display()
+                        )
+                    },
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(Error::AgentUnreachable(format!(
+                "the agent did not become ready within {}s; see {}",
+                START_TIMEOUT.as_secs(),
+                log_path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Rebuild the agent's own error (its last `error[code]: message` line in the log).
+fn startup_failure(log_path: &std::path::Path, status: Option<i32>) -> Error {
+    let text = std::fs::read_to_string(log_path).unwrap_or_default();
+    let last = text.lines().rev().find(|l| l.starts_with("error["));
+    if let Some(line) = last {
+        if let Some((code, msg)) = line
+            .strip_prefix("error[")
+            .and_then(|r| r.split_once("]: "))
+        {
+            return Error::from_code(code, msg.to_string(), None);
+        }
+    }
+    Error::Internal(format!(
+        "the agent exited (status {status:?}) before it was ready; see {}",
+        log_path.display()
+    ))
+}

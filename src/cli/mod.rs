@@ -1,0 +1,205 @@
+//! The `keyward` command tree (clap derive), output formatting and error reporting.
+//! One file per command group; every command supports `--json` where a script parses it.
+
+mod admin;
+mod agent;
+mod bench;
+mod init;
+mod key;
+mod sign;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use keyward::client::Client;
+use keyward::config::Config;
+use keyward::home::Home;
+use keyward::{Error, Result};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Signing agent for trading systems: keys stay in the agent, processes ask it to sign",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// keyward home directory (default: $KEYWARD_HOME, else ~/.keyward).
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Machine-readable output (JSON on stdout; errors as JSON on stderr).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a home: config, passphrase-protected identity, key directory.
+    Init(init::InitArgs),
+    /// Start the agent (in the background unless --foreground).
+    Agent(agent::AgentArgs),
+    /// Show the running agent's state.
+    Status,
+    /// Create, import, list, show, delete keys and export public keys.
+    #[command(subcommand)]
+    Key(key::KeyCmd),
+    /// Sign raw bytes through the agent.
+    Sign(sign::SignArgs),
+    /// Stop all signing, or one key's (persists across restarts).
+    Lock(admin::LockArgs),
+    /// Lift a lock.
+    Unlock(admin::UnlockArgs),
+    /// Make the agent re-read keyward.toml and the keys.
+    Reload,
+    /// Measure signing throughput and latency through the agent.
+    Bench(bench::BenchArgs),
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// What every command gets: the global flags.
+pub struct Ctx {
+    pub home: Option<PathBuf>,
+    pub json: bool,
+}
+
+impl Ctx {
+    /// The home for commands that need an initialised one.
+    pub fn open_home(&self) -> Result<Home> {
+        Home::open(self.home.as_deref())
+    }
+
+    /// The socket this CLI would use: `$KEYWARD_SOCK`, the home's config, XDG, the home.
+    pub fn socket(&self) -> Result<PathBuf> {
+        let home = Home::resolve(self.home.as_deref())?;
+        let configured = Config::load(&home.config_path())
+            .ok()
+            .and_then(|c| c.agent.socket);
+        Ok(keyward::proto::socket_path(
+            configured.as_deref(),
+            home.root(),
+        ))
+    }
+
+    pub fn connect(&self) -> Result<Client> {
+        let c = Client::connect(&self.socket()?)?;
+        c.set_timeout(Some(Duration::from_secs(30)))?;
+        Ok(c)
+    }
+
+    /// Print a result: JSON when asked, else the human text.
+    pub fn emit(&self, value: &Value, human: impl FnOnce() -> String) {
+        let mut out = std::io::stdout().lock();
+        let _ = if self.json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            )
+        } else {
+            writeln!(out, "{}", human())
+        };
+    }
+}
+
+/// Ask the running agent (if any) to reload after the key set changed. Never fails the
+/// command: the change is on disk either way.
+pub fn notify_agent(ctx: &Ctx) -> &'static str {
+    let Ok(path) = ctx.socket() else {
+        return "agent not running";
+    };
+    match Client::connect(&path) {
+        Ok(mut c) => {
+            let _ = c.set_timeout(Some(Duration::from_secs(10)));
+            match c.call(&keyward::proto::Op::Reload {}) {
+                Ok(_) => "agent reloaded",
+                Err(_) => "agent reload failed: run `keyward reload`",
+            }
+        }
+        Err(_) => "agent not running",
+    }
+}
+
+pub fn is_tty() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Ctx {
+        home: cli.home,
+        json: cli.json,
+    };
+    let result = match cli.command {
+        Command::Init(a) => init::run(&ctx, a),
+        Command::Agent(a) => agent::run(&ctx, a),
+        Command::Status => admin::status(&ctx),
+        Command::Key(k) => key::run(&ctx, k),
+        Command::Sign(a) => sign::run(&ctx, a),
+        Command::Lock(a) => admin::lock(&ctx, a),
+        Command::Unlock(a) => admin::unlock(&ctx, a),
+        Command::Reload => admin::reload(&ctx),
+        Command::Bench(a) => match Home::resolve(ctx.home.as_deref()) {
+            Ok(home) => bench::run(&a, &home, ctx.json),
+            Err(e) => Err(e),
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "keyward",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e, ctx.json);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn report(e: &Error, json: bool) {
+    let mut err = std::io::stderr().lock();
+    if json {
+        let v = serde_json::json!({"error": {"code": e.code(), "message": e.to_string(), "hint": e.hint()}});
+        let _ = writeln!(err, "{v}");
+    } else {
+        let _ = writeln!(err, "error[{}]: {e}\n  hint: {}", e.code(), e.hint());
+    }
+}
+
+/// Read a whole input (`-` = stdin) up to `limit` bytes, as non-secret data.
+pub fn read_input(path: &Path, limit: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let r: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+        )
+    };
+    r.take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("reading input", e))?;
+    if buf.len() > limit {
+        return Err(Error::BadRequest(format!(
+            "input is larger than {limit} bytes"
+        )));
+    }
+    Ok(buf)
+}
