@@ -41,6 +41,43 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Whether the process may lock all of its memory without hitting RLIMIT_MEMLOCK (root, or an
+/// unlimited limit as set by `LimitMEMLOCK=infinity`).
+pub fn may_lock_all_memory() -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0;
+    effective_uid() == 0 || (ok && lim.rlim_cur == libc::RLIM_INFINITY)
+}
+
+/// Lock every page the process has or will touch (MCL_ONFAULT: as it is touched, so reserved
+/// but unused memory such as thread stacks is not populated). Covers key objects that live in
+/// aws-lc's own heap, which per-buffer mlock cannot reach.
+pub fn lock_all_memory() -> io::Result<()> {
+    // SAFETY: mlockall takes only flags and changes page residency, not memory contents.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether all memory is locked (VmLck equals VmRSS is not required; the flag is what counts).
+pub fn memory_locked() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmLck:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+        })
+        .is_some_and(|kb| kb > 0)
+}
+
 /// Lock `len` bytes at `ptr` into RAM so they are never swapped out. Best effort: the caller
 /// decides what a failure (RLIMIT_MEMLOCK) means.
 pub fn mlock(ptr: *const u8, len: usize) -> bool {

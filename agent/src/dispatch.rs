@@ -366,6 +366,7 @@ impl State {
             queue_depth: self.pool.depth(),
             workers: self.pool.workers(),
             dumpable: keyward::sys::is_dumpable(),
+            memory_locked: keyward::sys::memory_locked(),
             locks: self.with_locks(|l| Ok(l.list()))?,
             backends: vec![BackendStatus {
                 kind: self.soft.kind().to_string(),

@@ -56,6 +56,7 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
             .as_deref()
             .unwrap_or(&config.agent.log_format),
     );
+    lock_memory();
 
     let source: SecretSource = match opts
         .passphrase
@@ -104,6 +105,21 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Keep key material out of swap: lock all memory when the limit allows, else rely on the
+/// per-buffer locks of secret buffers and say what is not covered.
+fn lock_memory() {
+    if !keyward::sys::may_lock_all_memory() {
+        tracing::warn!(
+            "RLIMIT_MEMLOCK is limited: only secret buffers are locked, parsed key objects may be \
+             swapped; run the agent with LimitMEMLOCK=infinity (systemd) to lock all its memory"
+        );
+        return;
+    }
+    if let Err(e) = keyward::sys::lock_all_memory() {
+        tracing::warn!("mlockall failed ({e}); only secret buffers are locked");
+    }
 }
 
 fn init_logging(format: &str) {

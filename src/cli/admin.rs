@@ -35,7 +35,7 @@ pub fn status(ctx: &Ctx) -> Result<()> {
     let v = serde_json::to_value(&st).map_err(|e| Error::Internal(e.to_string()))?;
     ctx.emit(&v, || {
         let mut s = format!(
-            "keyward agent {} (pid {}), up {}s\n  socket:      {}\n  home:        {}\n  keys:        {}\n  connections: {}\n  requests:    {}\n  queue:       {} (workers {})\n  dumpable:    {}",
+            "keyward agent {} (pid {}), up {}s\n  socket:      {}\n  home:        {}\n  keys:        {}\n  connections: {}\n  requests:    {}\n  queue:       {} (workers {})\n  dumpable:    {}\n  mem locked:  {}",
             st.agent_version,
             st.pid,
             st.uptime_ms / 1000,
@@ -46,7 +46,8 @@ pub fn status(ctx: &Ctx) -> Result<()> {
             st.requests,
             st.queue_depth,
             st.workers,
-            st.dumpable
+            st.dumpable,
+            st.memory_locked
         );
         if st.locks.is_empty() {
             s.push_str("\n  locks:       none");

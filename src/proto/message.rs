@@ -322,6 +322,9 @@ pub struct StatusResult {
     pub queue_depth: usize,
     pub workers: usize,
     pub dumpable: bool,
+    /// Whether the agent's memory is locked against swapping (mlockall).
+    #[serde(default)]
+    pub memory_locked: bool,
     pub locks: Vec<LockInfo>,
     pub backends: Vec<BackendStatus>,
 }
