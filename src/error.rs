@@ -135,7 +135,7 @@ impl Error {
     /// A one-line suggestion printed by the CLI under the error.
     pub fn hint(&self) -> &'static str {
         match self {
-            Error::BadRequest(_) => "check the request fields against docs/protocol.md",
+            Error::BadRequest(_) => "check the arguments (socket clients: docs/protocol.md)",
             Error::TooLarge(_) => "frames are limited to 1 MiB",
             Error::Unauthorized(_) => {
                 "connect as the agent's user (or root), or ask an operator to add a client"

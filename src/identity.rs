@@ -32,7 +32,9 @@ pub fn create(home: &Home, passphrase: &SecretBytes, work_factor: Option<u8>) ->
     let secret_text = identity.to_string();
     let ciphertext =
         encrypt_to_passphrase(&pass, secret_text.expose_secret().as_bytes(), work_factor)?;
-    home::atomic_create(
+    // identity.age is written last: it is the commit point (`is_initialized` needs both),
+    // so a lone identity.pub is the leftover of an interrupted init and is overwritten.
+    home::atomic_write(
         &home.recipient_path(),
         format!("{}\n", identity.to_public()).as_bytes(),
     )?;

@@ -100,14 +100,33 @@ pub fn munlock(ptr: *const u8, len: usize) {
 }
 
 /// Remove an environment variable that carried a secret, before any other thread exists.
+/// The value's bytes are overwritten in place first: `remove_var` alone only unlinks the entry,
+/// and the original environment block stays readable in `/proc/<pid>/environ`.
 pub fn scrub_env(name: &str) {
-    // `remove_var` is only unsound when another thread reads the environment at the same
-    // time; callers use this during single-threaded start-up.
+    if let Ok(cname) = std::ffi::CString::new(name) {
+        // SAFETY: called during single-threaded start-up (no concurrent environment access).
+        // getenv returns NULL or a pointer to the NUL-terminated value inside the process's
+        // own, writable environment storage; we overwrite exactly strlen bytes of it.
+        unsafe {
+            let p = libc::getenv(cname.as_ptr());
+            if !p.is_null() {
+                let len = libc::strlen(p);
+                std::ptr::write_bytes(p, 0, len);
+            }
+        }
+    }
     std::env::remove_var(name);
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scrubbed_variables_are_gone() {
+        std::env::set_var("KEYWARD_SYS_TEST_SCRUB", "value-to-wipe");
+        super::scrub_env("KEYWARD_SYS_TEST_SCRUB");
+        assert!(std::env::var_os("KEYWARD_SYS_TEST_SCRUB").is_none());
+    }
+
     #[test]
     fn mlock_of_a_small_buffer_succeeds_or_reports_false() {
         let buf = [1u8; 64];

@@ -222,7 +222,8 @@ impl State {
             }
             Op::Reload {} => {
                 self.require_admin(who)?;
-                let n = self.reload()?;
+                // File I/O and key parsing: keep the reactor thread free for other clients.
+                let n = tokio::task::block_in_place(|| self.reload())?;
                 tracing::info!(uid = who.uid, keys = n, "reloaded");
                 Ok(json!({"reloaded": true, "keys": n}))
             }

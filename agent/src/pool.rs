@@ -92,29 +92,31 @@ mod tests {
     #[tokio::test]
     async fn full_queue_answers_busy_at_once() {
         let pool = Arc::new(Pool::new(1, 1));
-        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
-        let block_rx = Arc::new(Mutex::new(block_rx));
-        // Occupy the worker, then fill the one queue slot.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        // Occupy the only worker...
         let p = pool.clone();
-        let b = block_rx.clone();
         let first = tokio::spawn(async move {
             p.run(move || {
-                let _ = b.lock().map(|r| r.recv());
+                let _ = started_tx.send(());
+                let _ = release_rx.recv();
                 Ok(1)
             })
             .await
         });
-        while pool.depth() > 0 {
-            tokio::task::yield_now().await;
-        }
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // ...fill the one queue slot...
         let p = pool.clone();
         let second = tokio::spawn(async move { p.run(|| Ok(2)).await });
         while pool.depth() == 0 {
             tokio::task::yield_now().await;
         }
-        let third = pool.run(|| Ok(3)).await;
-        assert_eq!(third.unwrap_err().code(), "busy");
-        block_tx.send(()).unwrap();
+        // ...and the next job is refused immediately.
+        assert_eq!(pool.run(|| Ok(3)).await.unwrap_err().code(), "busy");
+        release_tx.send(()).unwrap();
         assert_eq!(first.await.unwrap().unwrap(), 1);
         assert_eq!(second.await.unwrap().unwrap(), 2);
     }

@@ -154,7 +154,9 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
         tracing::warn!("connection without peer credentials; closing");
         return;
     };
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Buffered: one read() usually brings a whole frame, or several pipelined ones.
+    let mut rd = tokio::io::BufReader::with_capacity(16 * 1024, rd);
     if !state.admits(who.uid) {
         tracing::warn!(uid = who.uid, pid = ?who.pid, exe = ?who.exe, "refused connection from another user");
         let id = match tokio::time::timeout(UNAUTHORIZED_GRACE, frame::read_async(&mut rd)).await {
@@ -169,7 +171,9 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
     }
     let window = state.config().agent.max_in_flight;
     let in_flight = Arc::new(Semaphore::new(window));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Bounded like the in-flight window, and a request's slot is held until its answer is
+    // queued: a client that stops reading stalls only itself, never the agent's memory.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(window);
 
     let writer = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(8192);
@@ -203,7 +207,9 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
                     "frame of {n} bytes exceeds the {}-byte limit",
                     proto::MAX_FRAME
                 ));
-                let _ = tx.send(frame::encode(&Response::err(None, &e).to_bytes()));
+                let _ = tx
+                    .send(frame::encode(&Response::err(None, &e).to_bytes()))
+                    .await;
                 break;
             }
             Err(FrameError::Truncated) | Err(FrameError::Io(_)) => break,
@@ -215,7 +221,10 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
             Ok(r) => r,
             Err(rej) => {
                 tracing::debug!(uid = who.uid, code = rej.error.code(), "rejected frame");
-                let _ = tx.send(frame::encode(&Response::err(rej.id, &rej.error).to_bytes()));
+                let _ = tx
+                    .send(frame::encode(&Response::err(rej.id, &rej.error).to_bytes()))
+                    .await;
+                drop(permit);
                 continue;
             }
         };
@@ -231,7 +240,7 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
                     Response::err(req.id, &e)
                 }
             };
-            let _ = tx.send(frame::encode(&resp.to_bytes()));
+            let _ = tx.send(frame::encode(&resp.to_bytes())).await;
             drop(permit);
         });
     }

@@ -80,7 +80,7 @@ pub fn parse(input: SecretBytes, expected: Option<KeyType>) -> Result<SecretKeyM
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(text.len());
     let parsed = if text[start..].starts_with(b"-----BEGIN") {
-        parse_pem(&text[start..])?
+        parse_pem(&text[start..], expected)?
     } else {
         match expected {
             Some(t) if t.is_hmac() => {
@@ -117,7 +117,7 @@ pub fn parse(input: SecretBytes, expected: Option<KeyType>) -> Result<SecretKeyM
     Ok(parsed)
 }
 
-fn parse_pem(text: &[u8]) -> Result<SecretKeyMaterial> {
+fn parse_pem(text: &[u8], expected: Option<KeyType>) -> Result<SecretKeyMaterial> {
     let s = std::str::from_utf8(text).map_err(|_| bad("PEM input is not UTF-8 text"))?;
     if s.contains("ENCRYPTED") {
         return Err(bad(
@@ -137,7 +137,7 @@ fn parse_pem(text: &[u8]) -> Result<SecretKeyMaterial> {
                 .map_err(|e| bad(format!("malformed PKCS#1 RSA key: {e}")))?;
             rsa_material(&kp)
         }
-        "EC PRIVATE KEY" => parse_sec1(der.expose()),
+        "EC PRIVATE KEY" => parse_sec1(der.expose(), expected),
         other => Err(bad(format!(
             "PEM label `{other}` is not a private key keyward imports"
         ))),
@@ -201,14 +201,23 @@ fn parse_pkcs8(der: &[u8]) -> Result<SecretKeyMaterial> {
     }
 }
 
-fn parse_sec1(der: &[u8]) -> Result<SecretKeyMaterial> {
+fn parse_sec1(der: &[u8], expected: Option<KeyType>) -> Result<SecretKeyMaterial> {
     let ec =
         sec1::EcPrivateKey::from_der(der).map_err(|e| bad(format!("malformed SEC1 key: {e}")))?;
-    let curve = ec
-        .parameters
-        .and_then(|p| p.named_curve())
-        .ok_or_else(|| bad("SEC1 key without a named curve"))?
-        .to_string();
+    // RFC 5915 wants the curve named, but some tools omit it; the operator's --type decides.
+    let curve = match ec.parameters.and_then(|p| p.named_curve()) {
+        Some(oid) => oid.to_string(),
+        None => match expected {
+            Some(KeyType::P256) => OID_P256.to_string(),
+            Some(KeyType::P384) => OID_P384.to_string(),
+            Some(KeyType::Secp256k1) => OID_SECP256K1.to_string(),
+            _ => {
+                return Err(bad(
+                    "SEC1 key without a named curve; pass --type p256, p384 or secp256k1",
+                ))
+            }
+        },
+    };
     match curve.as_str() {
         OID_P256 => ecdsa_material(KeyType::P256, der),
         OID_P384 => ecdsa_material(KeyType::P384, der),

@@ -55,9 +55,11 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
         None => SecretSource::Prompt,
     };
     // Read a prompted (or stdin) passphrase here, where the terminal is, and hand it over.
-    let piped = match source {
-        SecretSource::Prompt | SecretSource::Stdin => Some(source.read("identity passphrase")?),
-        _ => None,
+    // Read a prompted, piped or environment passphrase here and hand it over on a pipe: the
+    // long-lived agent must not carry it in its environment (/proc/<pid>/environ).
+    let piped = match &source {
+        SecretSource::File(_) => None,
+        _ => Some(source.read("identity passphrase")?),
     };
 
     let log_path = home.root().join("agent.log");
@@ -67,11 +69,15 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
         .mode(0o600)
         .open(&log_path)
         .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let log_err = log
         .try_clone()
         .map_err(|e| Error::io("duplicating the log handle", e))?;
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the keyward binary", e))?;
     let mut cmd = Command::new(exe);
+    if let SecretSource::Env(name) = &source {
+        cmd.env_remove(name);
+    }
     cmd.arg("--home")
         .arg(home.root())
         .arg("agent")
@@ -116,7 +122,7 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
             .try_wait()
             .map_err(|e| Error::io("waiting for the agent", e))?
         {
-            return Err(startup_failure(&log_path, status.code()));
+            return Err(startup_failure(&log_path, log_start, status.code()));
         }
         if let Ok(mut c) = Client::connect(&socket) {
             let _ = c.set_timeout(Some(Duration::from_secs(5)));
@@ -149,8 +155,9 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
 }
 
 /// Rebuild the agent's own error (its last `error[code]: message` line in the log).
-fn startup_failure(log_path: &std::path::Path, status: Option<i32>) -> Error {
-    let text = std::fs::read_to_string(log_path).unwrap_or_default();
+fn startup_failure(log_path: &std::path::Path, from: u64, status: Option<i32>) -> Error {
+    let all = std::fs::read(log_path).unwrap_or_default();
+    let text = String::from_utf8_lossy(all.get(from as usize..).unwrap_or_default());
     let last = text.lines().rev().find(|l| l.starts_with("error["));
     if let Some(line) = last {
         if let Some((code, msg)) = line

@@ -119,10 +119,14 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
             passphrase,
             common,
         } => {
-            if shred && file == Path::new("-") {
-                return Err(Error::BadRequest(
-                    "--shred needs --file (standard input cannot be shredded)".into(),
-                ));
+            if shred {
+                if file == Path::new("-") {
+                    return Err(Error::BadRequest(
+                        "--shred needs --file (standard input cannot be shredded)".into(),
+                    ));
+                }
+                // Refuse before importing: a failed shred must not leave the key imported.
+                check_shreddable(&file)?;
             }
             prepare_new(&store, &name)?;
             // Unlock first when verifying: a wrong passphrase must leave nothing behind.
@@ -374,19 +378,24 @@ fn confirm(question: &str) -> Result<bool> {
     Ok(matches!(line.trim(), "y" | "Y" | "yes"))
 }
 
-/// Overwrite a file's blocks (zeros, then random), fsync, and remove it. On copy-on-write or
-/// flash storage an overwrite is not guaranteed to reach the old blocks (docs/security.md).
-fn shred_file(path: &Path) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
+/// Only a regular file with a single link can be shredded meaningfully; returns its size.
+fn check_shreddable(path: &Path) -> Result<u64> {
     let md = std::fs::symlink_metadata(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     if !md.file_type().is_file() || md.nlink() > 1 {
         return Err(Error::BadRequest(format!(
-            "{} is not a plain file with one link; not shredded",
+            "{} is not a plain file with one link, so --shred cannot erase it; nothing imported",
             path.display()
         )));
     }
-    let len = md.len() as usize;
+    Ok(md.len())
+}
+
+/// Overwrite a file's blocks (zeros, then random), fsync, and remove it. On copy-on-write or
+/// flash storage an overwrite is not guaranteed to reach the old blocks (docs/security.md).
+fn shred_file(path: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let len = check_shreddable(path)? as usize;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)

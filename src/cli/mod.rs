@@ -134,7 +134,20 @@ pub fn is_tty() -> bool {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A value our types refused (key name, key type, env, ...) is bad input like any other:
+        // report it with its stable code. Usage mistakes, --help and --version stay clap's.
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid value");
+            let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            let json = std::env::args().any(|a| a == "--json");
+            report(&Error::BadRequest(message), json);
+            return ExitCode::from(1);
+        }
+        Err(e) => e.exit(),
+    };
     let ctx = Ctx {
         home: cli.home,
         json: cli.json,

@@ -1,0 +1,739 @@
+//! `keyward bench`'s measurement: sign round trips through the agent's socket, in-process, and
+//! through OpenSSH's ssh-agent with the same loop; latencies and throughput, no printing.
+
+pub mod in_process;
+pub mod machine;
+pub mod report;
+pub mod ssh_agent;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::model::{Algorithm, KeyName, KeyType};
+
+pub use in_process::InProcessKey;
+pub use machine::Machine;
+pub use report::Report;
+pub use stats::Stats;
+
+/// Size of the message every request signs (the first 8 bytes carry a request counter).
+pub const MESSAGE_LEN: usize = 100;
+/// Time each client signs before measuring starts (connections made, caches and workers warm).
+pub const WARMUP: Duration = Duration::from_millis(200);
+/// How often (in requests) a client adds its count to the shared progress counter.
+const PROGRESS_BATCH: u64 = 64;
+
+/// What a case signs through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// The agent's soft backend called directly in the bench process (the baseline).
+    InProcess,
+    /// The keyward agent over its socket.
+    Keyward,
+    /// OpenSSH's ssh-agent holding the same key.
+    SshAgent,
+}
+
+impl Target {
+    pub const ALL: [Target; 3] = [Target::InProcess, Target::Keyward, Target::SshAgent];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::InProcess => "in-process",
+            Target::Keyward => "keyward socket",
+            Target::SshAgent => "ssh-agent",
+        }
+    }
+}
+
+/// How long each client of a case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Duration(Duration),
+    /// Requests per client.
+    Requests(u64),
+}
+
+impl Limit {
+    pub fn describe(self) -> String {
+        match self {
+            Limit::Duration(d) => format!("{} s per case", d.as_secs_f64()),
+            Limit::Requests(n) => format!("{n} requests per client per case"),
+        }
+    }
+}
+
+/// One client's measurements: every latency (ns) and when it started and stopped.
+struct ClientRun {
+    latencies: Vec<u64>,
+    start: Instant,
+    end: Instant,
+}
+
+enum ClientFailure {
+    Failed(Error),
+    /// Stopped because another client of the case failed.
+    Aborted,
+}
+
+/// Run `clients` threads, each with its own signer from `make(i)`, signing sequentially until
+/// `limit`; every request's latency is recorded. `progress` counts completed requests (batched).
+/// The first error from any client stops the case and is returned.
+pub fn drive<S, F>(clients: usize, limit: Limit, make: F, progress: &AtomicU64) -> Result<Stats>
+where
+    F: Fn(usize) -> Result<S> + Sync,
+    S: FnMut(&[u8]) -> Result<()>,
+{
+    if clients == 0 {
+        return Err(Error::BadRequest("a case needs at least one client".into()));
+    }
+    let barrier = Barrier::new(clients);
+    let stop = AtomicBool::new(false);
+    let outcomes: Vec<std::result::Result<ClientRun, ClientFailure>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|i| {
+                let (make, barrier, stop) = (&make, &barrier, &stop);
+                s.spawn(move || one_client(i, limit, make, barrier, stop, progress))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ClientFailure::Failed(Error::Internal(
+                        "a benchmark client thread panicked".into(),
+                    )))
+                })
+            })
+            .collect()
+    });
+    let mut all = Vec::new();
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
+    let mut aborted = false;
+    for o in outcomes {
+        match o {
+            Ok(ClientRun {
+                latencies,
+                start,
+                end,
+            }) => {
+                all.extend_from_slice(&latencies);
+                first = Some(first.map_or(start, |f| f.min(start)));
+                last = Some(last.map_or(end, |l| l.max(end)));
+            }
+            Err(ClientFailure::Failed(e)) => return Err(e),
+            Err(ClientFailure::Aborted) => aborted = true,
+        }
+    }
+    if aborted {
+        return Err(Error::Internal("benchmark case aborted".into()));
+    }
+    let elapsed = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f),
+        _ => Duration::ZERO,
+    };
+    Ok(Stats::from_latencies(&mut all, elapsed))
+}
+
+fn one_client<S, F>(
+    i: usize,
+    limit: Limit,
+    make: &F,
+    barrier: &Barrier,
+    stop: &AtomicBool,
+    progress: &AtomicU64,
+) -> std::result::Result<ClientRun, ClientFailure>
+where
+    F: Fn(usize) -> Result<S> + Sync,
+    S: FnMut(&[u8]) -> Result<()>,
+{
+    let fail = |e: Error| {
+        stop.store(true, Ordering::Relaxed);
+        ClientFailure::Failed(e)
+    };
+    let mut msg = [0u8; MESSAGE_LEN];
+    for (j, b) in msg.iter_mut().enumerate() {
+        *b = b'a' + (j % 26) as u8;
+    }
+    // Connect and warm up; every client reaches the barrier exactly once, even on failure.
+    let prepared = make(i).and_then(|mut signer| {
+        let t = Instant::now();
+        while t.elapsed() < WARMUP && !stop.load(Ordering::Relaxed) {
+            signer(&msg)?;
+        }
+        Ok(signer)
+    });
+    let prepared = prepared.map_err(fail);
+    barrier.wait();
+    let mut signer = prepared?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(ClientFailure::Aborted);
+    }
+
+    let (deadline_after, max) = match limit {
+        Limit::Duration(d) => (Some(d), u64::MAX),
+        Limit::Requests(n) => (None, n),
+    };
+    let mut lat = Vec::with_capacity(match limit {
+        Limit::Requests(n) => usize::try_from(n).unwrap_or(0).min(1 << 24),
+        Limit::Duration(d) => (d.as_secs_f64() * 20_000.0) as usize,
+    });
+    let start = Instant::now();
+    let deadline = deadline_after.map(|d| start + d);
+    let mut done = 0u64;
+    while done < max {
+        msg[..8].copy_from_slice(&done.to_be_bytes());
+        let t0 = Instant::now();
+        signer(&msg).map_err(fail)?;
+        let t1 = Instant::now();
+        lat.push(t1.duration_since(t0).as_nanos() as u64);
+        done += 1;
+        if done % PROGRESS_BATCH == 0 {
+            progress.fetch_add(PROGRESS_BATCH, Ordering::Relaxed);
+            if stop.load(Ordering::Relaxed) {
+                return Err(ClientFailure::Aborted);
+            }
+        }
+        if deadline.is_some_and(|d| t1 >= d) {
+            break;
+        }
+    }
+    let end = Instant::now();
+    progress.fetch_add(done % PROGRESS_BATCH, Ordering::Relaxed);
+    if stop.load(Ordering::Relaxed) {
+        return Err(ClientFailure::Aborted);
+    }
+    Ok(ClientRun {
+        latencies: lat,
+        start,
+        end,
+    })
+}
+
+/// A key the agent holds matched to an ssh-agent identity (same public key).
+#[derive(Clone, Debug)]
+pub struct SshIdentity {
+    pub blob: Vec<u8>,
+    pub flags: u32,
+    pub comment: String,
+}
+
+/// One key to benchmark and the paths it can be signed through.
+pub struct BenchKey {
+    pub name: KeyName,
+    pub key_type: KeyType,
+    pub scheme: Algorithm,
+    pub fingerprint: String,
+    pub in_process: Option<InProcessKey>,
+    pub ssh: Option<SshIdentity>,
+}
+
+impl BenchKey {
+    pub fn has(&self, t: Target) -> bool {
+        match t {
+            Target::Keyward => true,
+            Target::InProcess => self.in_process.is_some(),
+            Target::SshAgent => self.ssh.is_some(),
+        }
+    }
+}
+
+/// What the agent said about itself (from `status`, when it answers).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub agent_version: String,
+    pub pid: u32,
+    pub workers: usize,
+    pub backends: Vec<String>,
+}
+
+/// Everything needed to run the cases.
+pub struct Plan {
+    pub socket: PathBuf,
+    pub ssh_agent: Option<PathBuf>,
+    pub agent: Option<AgentInfo>,
+    pub keys: Vec<BenchKey>,
+    /// Cross-checks done before measuring (same key on every path, signatures verify).
+    pub checks: Vec<String>,
+    /// Keys skipped and why.
+    pub notes: Vec<String>,
+}
+
+/// What to benchmark.
+pub struct PlanOptions<'a> {
+    pub socket: &'a Path,
+    /// Keys to benchmark; empty = every usable key the agent lists.
+    pub keys: &'a [KeyName],
+    /// Key files to sign with in-process, by key name.
+    pub in_process: &'a [(KeyName, PathBuf)],
+    /// An ssh-agent socket to compare against.
+    pub ssh_agent: Option<&'a Path>,
+}
+
+/// Ask the agent which keys to use, load in-process keys, match ssh-agent identities, and
+/// check that every path signs with the same key.
+pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
+    let mut client = Client::connect(opts.socket)?;
+    client.set_timeout(Some(Duration::from_secs(30)))?;
+    let listed = client.list_keys()?;
+    let agent = client.status().ok().map(|s| AgentInfo {
+        agent_version: s.agent_version,
+        pid: s.pid,
+        workers: s.workers,
+        backends: s.backends.into_iter().map(|b| b.kind).collect(),
+    });
+    let mut notes = Vec::new();
+    let mut selected = Vec::new();
+    if opts.keys.is_empty() {
+        for k in &listed {
+            if k.disabled || k.locked {
+                let why = if k.disabled { "disabled" } else { "locked" };
+                notes.push(format!("key `{}` skipped: {why}", k.name));
+            } else {
+                selected.push(k.clone());
+            }
+        }
+    } else {
+        for name in opts.keys {
+            let k = listed
+                .iter()
+                .find(|k| k.name == name.as_str())
+                .ok_or_else(|| Error::UnknownKey(name.to_string()))?;
+            selected.push(k.clone());
+        }
+    }
+    if selected.is_empty() {
+        return Err(Error::UnknownKey(
+            "the agent holds no usable key to benchmark; create one with `keyward key generate`"
+                .into(),
+        ));
+    }
+    for (name, _) in opts.in_process {
+        if !selected.iter().any(|k| k.name == name.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "--in-process names key `{name}`, which is not being benchmarked"
+            )));
+        }
+    }
+
+    let mut ssh = match opts.ssh_agent {
+        Some(p) => {
+            let mut a = ssh_agent::SshAgent::connect(p)?;
+            let ids = a.identities()?;
+            Some((a, ids))
+        }
+        None => None,
+    };
+
+    let mut keys = Vec::new();
+    let mut checks = Vec::new();
+    for info in selected {
+        let name = KeyName::new(&info.name)?;
+        let key_type: KeyType = info.key_type.parse()?;
+        let scheme = key_type.default_algorithm();
+        let in_process = match opts.in_process.iter().find(|(n, _)| *n == name) {
+            Some((_, path)) => {
+                let k = InProcessKey::load(path, key_type)?;
+                if k.fingerprint() != info.fingerprint {
+                    return Err(Error::InvalidKeyMaterial(format!(
+                        "{} is not the key the agent holds as `{name}` (fingerprint {} vs {})",
+                        path.display(),
+                        k.fingerprint(),
+                        info.fingerprint
+                    )));
+                }
+                Some(k)
+            }
+            None => None,
+        };
+        let public_raw =
+            if key_type.is_hmac() {
+                None
+            } else {
+                let r = client.public_key(&name, "hex")?;
+                let hex_text = r.public_key.as_str().unwrap_or_default().to_string();
+                Some(hex::decode(hex_text.trim_start_matches("0x")).map_err(|e| {
+                    Error::Internal(format!("public key of `{name}` is not hex: {e}"))
+                })?)
+            };
+        let mut matched = None;
+        if let Some((_, ids)) = &ssh {
+            if let Some(blob) = ssh_blob(&mut client, &name, key_type)? {
+                matched = ids.iter().find(|i| i.blob == blob).map(|i| SshIdentity {
+                    blob: i.blob.clone(),
+                    flags: ssh_agent::flags_for(&i.blob),
+                    comment: i.comment.clone(),
+                });
+            }
+            if matched.is_none() {
+                notes.push(format!(
+                    "key `{name}` ({key_type}): ssh-agent holds no identity with this public key"
+                ));
+            }
+        }
+
+        // Cross-check: one signature from every path, verified or compared.
+        let msg = b"keyward bench cross-check";
+        let sig = client.sign(&name, msg, Some(scheme.as_str()))?;
+        let ks = base64::engine::general_purpose::STANDARD
+            .decode(&sig.signature)
+            .map_err(|e| Error::Internal(format!("signature is not base64: {e}")))?;
+        let mut done = Vec::new();
+        if let Some(raw) = &public_raw {
+            if verify(scheme, raw, msg, &ks)? {
+                done.push("keyward's signature verifies");
+            }
+        }
+        if let Some(k) = &in_process {
+            let ps = k.sign(scheme, msg)?.bytes;
+            let ok = match &public_raw {
+                Some(raw) => verify(scheme, raw, msg, &ps)?,
+                None => ps == ks,
+            };
+            if !ok {
+                return Err(Error::Internal(format!(
+                    "`{name}`: the in-process signature does not match the agent's key"
+                )));
+            }
+            done.push(if public_raw.is_some() {
+                "the in-process key file has the same fingerprint and its signature verifies"
+            } else {
+                "the in-process secret has the same fingerprint and gives the same tag"
+            });
+        }
+        if let (Some(id), Some((a, _))) = (&matched, ssh.as_mut()) {
+            let (_, ss) = a.sign_blob(&id.blob, msg, id.flags)?;
+            let ss = match key_type {
+                KeyType::P256 => ssh_agent::ecdsa_ssh_to_raw(&ss, 32)?,
+                KeyType::P384 => ssh_agent::ecdsa_ssh_to_raw(&ss, 48)?,
+                _ => ss,
+            };
+            let ok = match &public_raw {
+                Some(raw) => verify(scheme, raw, msg, &ss)?,
+                None => false,
+            };
+            if !ok {
+                return Err(Error::Internal(format!(
+                    "`{name}`: ssh-agent's signature does not verify with the agent's public key"
+                )));
+            }
+            done.push("ssh-agent holds the same public key and its signature verifies");
+        }
+        if !done.is_empty() {
+            checks.push(format!("`{name}` ({key_type}): {}", done.join("; ")));
+        }
+        keys.push(BenchKey {
+            name,
+            key_type,
+            scheme,
+            fingerprint: info.fingerprint,
+            in_process,
+            ssh: matched,
+        });
+    }
+    Ok(Plan {
+        socket: opts.socket.to_path_buf(),
+        ssh_agent: opts.ssh_agent.map(Path::to_path_buf),
+        agent,
+        keys,
+        checks,
+        notes,
+    })
+}
+
+/// The OpenSSH key blob of a keyward key, for the key types ssh-agent can hold.
+fn ssh_blob(client: &mut Client, name: &KeyName, t: KeyType) -> Result<Option<Vec<u8>>> {
+    if !(t == KeyType::Ed25519 || t == KeyType::P256 || t == KeyType::P384 || t.is_rsa()) {
+        return Ok(None);
+    }
+    let r = client.public_key(name, "ssh")?;
+    let line = r.public_key.as_str().unwrap_or_default();
+    ssh_agent::blob_from_openssh(line).map(Some)
+}
+
+/// The machine's floor for one round trip: a thread echoing length-prefixed frames over a Unix
+/// socket pair, with request and answer the size of a keyward `sign` exchange (≈ 250 bytes).
+/// No parsing, no signing: what the kernel and scheduler alone cost per round trip.
+pub fn socket_floor(limit: Limit, progress: &AtomicU64) -> Result<Stats> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    const FRAME: usize = 250;
+    let io = |e: std::io::Error| Error::io("socket floor", e);
+    let (mut a, mut b) = UnixStream::pair().map_err(io)?;
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; FRAME];
+        while b.read_exact(&mut buf).is_ok() {
+            if b.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let stats = {
+        let client = std::sync::Mutex::new(Some(&mut a));
+        drive(
+            1,
+            limit,
+            |_| {
+                let s = client
+                    .lock()
+                    .ok()
+                    .and_then(|mut c| c.take())
+                    .ok_or_else(|| Error::Internal("socket floor: one client only".into()))?;
+                let mut buf = [0u8; FRAME];
+                Ok(move |msg: &[u8]| {
+                    buf[..msg.len().min(FRAME)].copy_from_slice(&msg[..msg.len().min(FRAME)]);
+                    s.write_all(&buf).map_err(io)?;
+                    s.read_exact(&mut buf).map_err(io)
+                })
+            },
+            progress,
+        )
+    };
+    let _ = a.shutdown(std::net::Shutdown::Both);
+    drop(a);
+    let _ = echo.join();
+    stats
+}
+
+/// Verify a signature with a raw public key (Ed25519 32 bytes, EC point, RSA PKCS#1 DER).
+/// `Ok(false)` = this scheme is not checked here (secp256k1).
+pub fn verify(scheme: Algorithm, public_raw: &[u8], msg: &[u8], sig: &[u8]) -> Result<bool> {
+    use aws_lc_rs::signature::{self as s, UnparsedPublicKey, VerificationAlgorithm};
+    let alg: &'static dyn VerificationAlgorithm = match scheme {
+        Algorithm::Ed25519 => &s::ED25519,
+        Algorithm::EcdsaP256Sha256 => &s::ECDSA_P256_SHA256_FIXED,
+        Algorithm::EcdsaP384Sha384 => &s::ECDSA_P384_SHA384_FIXED,
+        Algorithm::RsaPkcs1Sha256 => &s::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RsaPkcs1Sha512 => &s::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::RsaPssSha256 => &s::RSA_PSS_2048_8192_SHA256,
+        Algorithm::RsaPssSha512 => &s::RSA_PSS_2048_8192_SHA512,
+        _ => return Ok(false),
+    };
+    UnparsedPublicKey::new(alg, public_raw)
+        .verify(msg, sig)
+        .map(|_| true)
+        .map_err(|_| Error::Internal(format!("a {scheme} signature did not verify")))
+}
+
+/// One measurement: a key, a path, a number of concurrent clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// Index into [`Plan::keys`].
+    pub key: usize,
+    pub target: Target,
+    pub clients: usize,
+}
+
+/// A measured case.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub key: String,
+    pub key_type: String,
+    pub scheme: String,
+    pub target: Target,
+    pub clients: usize,
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+impl Plan {
+    /// Every case, grouped by key: in-process, keyward, ssh-agent, each at every client count.
+    pub fn cases(&self, clients: &[usize]) -> Vec<Case> {
+        let mut out = Vec::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            for t in Target::ALL {
+                if k.has(t) {
+                    for &c in clients {
+                        out.push(Case {
+                            key: i,
+                            target: t,
+                            clients: c,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Measure one case.
+    pub fn run(&self, case: &Case, limit: Limit, progress: &AtomicU64) -> Result<CaseResult> {
+        let k = self
+            .keys
+            .get(case.key)
+            .ok_or_else(|| Error::Internal("case names no key of the plan".into()))?;
+        let scheme = k.scheme;
+        let stats = match case.target {
+            Target::Keyward => drive(
+                case.clients,
+                limit,
+                |_| {
+                    let mut c = Client::connect(&self.socket)?;
+                    c.set_timeout(Some(Duration::from_secs(30)))?;
+                    let name = k.name.clone();
+                    Ok(move |msg: &[u8]| c.sign(&name, msg, Some(scheme.as_str())).map(|_| ()))
+                },
+                progress,
+            )?,
+            Target::InProcess => {
+                let ip = k
+                    .in_process
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("no in-process key".into()))?;
+                drive(
+                    case.clients,
+                    limit,
+                    |_| Ok(move |msg: &[u8]| ip.sign(scheme, msg).map(|_| ())),
+                    progress,
+                )?
+            }
+            Target::SshAgent => {
+                let (id, path) = k
+                    .ssh
+                    .as_ref()
+                    .zip(self.ssh_agent.as_deref())
+                    .ok_or_else(|| Error::Internal("no ssh-agent identity".into()))?;
+                drive(
+                    case.clients,
+                    limit,
+                    |_| {
+                        let mut a = ssh_agent::SshAgent::connect(path)?;
+                        Ok(move |msg: &[u8]| a.sign_in_place(&id.blob, msg, id.flags))
+                    },
+                    progress,
+                )?
+            }
+        };
+        Ok(CaseResult {
+            key: k.name.to_string(),
+            key_type: k.key_type.to_string(),
+            scheme: scheme.to_string(),
+            target: case.target,
+            clients: case.clients,
+            stats,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_counts_requests_and_clients() {
+        let progress = AtomicU64::new(0);
+        let s = drive(
+            3,
+            Limit::Requests(100),
+            |_| Ok(|_: &[u8]| -> Result<()> { Ok(()) }),
+            &progress,
+        )
+        .unwrap();
+        assert_eq!(s.requests, 300);
+        assert_eq!(progress.load(Ordering::Relaxed), 300);
+        assert!(s.p50_us >= 0.0 && s.p99_us >= s.p50_us);
+
+        let s = drive(
+            2,
+            Limit::Duration(Duration::from_millis(100)),
+            |_| {
+                Ok(|_: &[u8]| -> Result<()> {
+                    std::thread::sleep(Duration::from_millis(1));
+                    Ok(())
+                })
+            },
+            &progress,
+        )
+        .unwrap();
+        assert!(s.elapsed_s >= 0.1 && s.elapsed_s < 1.0, "{}", s.elapsed_s);
+        assert!(s.p50_us >= 1000.0);
+        assert!(s.requests >= 2 * 50, "{}", s.requests);
+    }
+
+    #[test]
+    fn one_failing_client_fails_the_case_without_hanging() {
+        let progress = AtomicU64::new(0);
+        // Client 1 cannot connect.
+        let e = drive(
+            4,
+            Limit::Duration(Duration::from_secs(30)),
+            |i| {
+                if i == 1 {
+                    Err(Error::AgentUnreachable("nope".into()))
+                } else {
+                    Ok(|_: &[u8]| -> Result<()> { Ok(()) })
+                }
+            },
+            &progress,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "agent_unreachable");
+        // A client fails mid-run.
+        let t = Instant::now();
+        let e = drive(
+            2,
+            Limit::Duration(Duration::from_secs(30)),
+            |i| {
+                let mut n = 0u32;
+                Ok(move |_: &[u8]| -> Result<()> {
+                    n += 1;
+                    if i == 0 && n > 1000 {
+                        Err(Error::RateLimited {
+                            message: "slow down".into(),
+                            retry_after_ms: 5,
+                        })
+                    } else {
+                        Ok(())
+                    }
+                })
+            },
+            &progress,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "rate_limited");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn socket_floor_measures_round_trips() {
+        let s = socket_floor(Limit::Requests(500), &AtomicU64::new(0)).unwrap();
+        assert_eq!(s.requests, 500);
+        assert!(s.p50_us > 0.0);
+    }
+
+    #[test]
+    fn messages_carry_a_counter() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        drive(
+            1,
+            Limit::Requests(3),
+            |_| {
+                Ok(|m: &[u8]| -> Result<()> {
+                    assert_eq!(m.len(), MESSAGE_LEN);
+                    if let Ok(mut v) = seen.lock() {
+                        v.push(m[..8].to_vec());
+                    }
+                    Ok(())
+                })
+            },
+            &AtomicU64::new(0),
+        )
+        .unwrap();
+        let v = seen.into_inner().unwrap();
+        let tail: Vec<u64> = v[v.len() - 3..]
+            .iter()
+            .map(|b| u64::from_be_bytes(b[..].try_into().unwrap()))
+            .collect();
+        assert_eq!(tail, [0, 1, 2]);
+    }
+}
