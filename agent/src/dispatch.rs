@@ -159,6 +159,23 @@ impl State {
         Ok(n)
     }
 
+    /// Whether a request will wait for a worker thread (slow signing) rather than finish in
+    /// microseconds; the connection runs fast ones inline.
+    pub fn is_slow(&self, op: &Op) -> bool {
+        let Op::Sign { key, scheme, .. } = op else {
+            return false;
+        };
+        let Some(s) = self.table().keys.get(key).cloned() else {
+            return false;
+        };
+        let alg = match scheme.as_deref().map(str::parse::<Algorithm>) {
+            Some(Ok(a)) => a,
+            Some(Err(_)) => return false,
+            None => s.meta.key_type.default_algorithm(),
+        };
+        !self.soft.is_fast(alg)
+    }
+
     pub fn status_keys(&self) -> usize {
         self.table().keys.len()
     }

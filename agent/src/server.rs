@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use keyward::error::IoContext;
 use keyward::model::ClientIdentity;
-use keyward::proto::{self, frame, FrameError, Response};
+use keyward::proto::{self, frame, Response};
 use keyward::{Error, Result};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -154,9 +154,7 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
         tracing::warn!("connection without peer credentials; closing");
         return;
     };
-    let (rd, mut wr) = stream.into_split();
-    // Buffered: one read() usually brings a whole frame, or several pipelined ones.
-    let mut rd = tokio::io::BufReader::with_capacity(16 * 1024, rd);
+    let (mut rd, mut wr) = stream.into_split();
     if !state.admits(who.uid) {
         tracing::warn!(uid = who.uid, pid = ?who.pid, exe = ?who.exe, "refused connection from another user");
         let id = match tokio::time::timeout(UNAUTHORIZED_GRACE, frame::read_async(&mut rd)).await {
@@ -169,85 +167,134 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
             .await;
         return;
     }
+    let who = Arc::new(who);
     let window = state.config().agent.max_in_flight;
+    // Only requests that wait for a worker (slow signing) leave this task; they hold a slot of
+    // the window until their answer is queued, so a client that stops reading stalls only
+    // itself and the agent's memory for it stays bounded (docs/decisions.md D9).
     let in_flight = Arc::new(Semaphore::new(window));
-    // Bounded like the in-flight window, and a request's slot is held until its answer is
-    // queued: a client that stops reading stalls only itself, never the agent's memory.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(window);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut outbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut closing = false;
 
-    let writer = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(8192);
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&first);
-            // Coalesce responses that are already waiting into one write.
-            while let Ok(more) = rx.try_recv() {
-                buf.extend_from_slice(&more);
-                if buf.len() > 256 * 1024 {
-                    break;
+    'conn: loop {
+        // Answer every complete frame already buffered. Fast requests are handled right here:
+        // no task hand-off, so a round trip costs no extra thread wake-ups.
+        let mut consumed = 0;
+        while !closing {
+            match next_frame(&inbuf[consumed..]) {
+                Frame::Complete(len) => {
+                    let body = &inbuf[consumed + 4..consumed + 4 + len];
+                    consumed += 4 + len;
+                    match proto::parse_request(body) {
+                        Err(rej) => {
+                            tracing::debug!(
+                                uid = who.uid,
+                                code = rej.error.code(),
+                                "rejected frame"
+                            );
+                            push(&mut outbuf, &Response::err(rej.id, &rej.error));
+                        }
+                        Ok(req) if state.is_slow(&req.op) => {
+                            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                                break 'conn;
+                            };
+                            let (state, tx, who) = (state.clone(), tx.clone(), who.clone());
+                            tokio::spawn(async move {
+                                let resp = answer(&state, &who, req).await;
+                                let _ = tx.send(frame::encode(&resp.to_bytes())).await;
+                                drop(permit);
+                            });
+                        }
+                        Ok(req) => {
+                            let resp = answer(&state, &who, req).await;
+                            push(&mut outbuf, &resp);
+                        }
+                    }
                 }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                break;
+                Frame::Partial => break,
+                Frame::TooLarge(n) => {
+                    let e = Error::TooLarge(format!(
+                        "frame of {n} bytes exceeds the {}-byte limit",
+                        proto::MAX_FRAME
+                    ));
+                    push(&mut outbuf, &Response::err(None, &e));
+                    closing = true;
+                }
             }
         }
-    });
-
-    let who = Arc::new(who);
-    loop {
-        let body = tokio::select! {
-            r = frame::read_async(&mut rd) => r,
-            _ = stop.changed() => break,
-        };
-        let body = match body {
-            Ok(Some(b)) => b,
-            Ok(None) => break,
-            Err(FrameError::TooLarge(n)) => {
-                let e = Error::TooLarge(format!(
-                    "frame of {n} bytes exceeds the {}-byte limit",
-                    proto::MAX_FRAME
-                ));
-                let _ = tx
-                    .send(frame::encode(&Response::err(None, &e).to_bytes()))
-                    .await;
+        inbuf.drain(..consumed);
+        while let Ok(more) = rx.try_recv() {
+            outbuf.extend_from_slice(&more);
+        }
+        if !outbuf.is_empty() {
+            if wr.write_all(&outbuf).await.is_err() {
                 break;
             }
-            Err(FrameError::Truncated) | Err(FrameError::Io(_)) => break,
-        };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            outbuf.clear();
+        }
+        if closing {
             break;
-        };
-        let req = match proto::parse_request(&body) {
-            Ok(r) => r,
-            Err(rej) => {
-                tracing::debug!(uid = who.uid, code = rej.error.code(), "rejected frame");
-                let _ = tx
-                    .send(frame::encode(&Response::err(rej.id, &rej.error).to_bytes()))
-                    .await;
-                drop(permit);
-                continue;
-            }
-        };
-        let state = state.clone();
-        let tx = tx.clone();
-        let who = who.clone();
-        tokio::spawn(async move {
-            let op_name = req.op.name();
-            let resp = match state.handle(&who, req.op).await {
-                Ok(v) => Response::ok(req.id, v),
-                Err(e) => {
-                    tracing::info!(uid = who.uid, pid = ?who.pid, op = op_name, code = e.code(), "request failed: {e}");
-                    Response::err(req.id, &e)
-                }
-            };
-            let _ = tx.send(frame::encode(&resp.to_bytes())).await;
-            drop(permit);
-        });
+        }
+        tokio::select! {
+            // Reading is cancel-safe: bytes land in `inbuf` only when a read completes.
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            },
+            Some(answer) = rx.recv() => outbuf.extend_from_slice(&answer),
+            _ = stop.changed() => break,
+        }
     }
-    // Let in-flight requests of this connection finish and flush their answers.
-    let _ = in_flight.acquire_many(window as u32).await;
+    // Let requests still at a worker finish and deliver their answers before closing.
     drop(tx);
-    let _ = writer.await;
+    while let Some(answer) = rx.recv().await {
+        if wr.write_all(&answer).await.is_err() {
+            break;
+        }
+    }
+}
+
+enum Frame {
+    /// A whole frame of this body length is buffered.
+    Complete(usize),
+    /// More bytes are needed.
+    Partial,
+    /// The announced length is over the limit (refused before reading the body).
+    TooLarge(usize),
+}
+
+fn next_frame(buf: &[u8]) -> Frame {
+    let Some(len) = buf.get(..4) else {
+        return Frame::Partial;
+    };
+    let n = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if n > proto::MAX_FRAME {
+        Frame::TooLarge(n)
+    } else if buf.len() >= 4 + n {
+        Frame::Complete(n)
+    } else {
+        Frame::Partial
+    }
+}
+
+fn push(out: &mut Vec<u8>, resp: &Response) {
+    let body = resp.to_bytes();
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+}
+
+async fn answer(state: &State, who: &ClientIdentity, req: proto::Request) -> Response {
+    let op_name = req.op.name();
+    match state.handle(who, req.op).await {
+        Ok(v) => Response::ok(req.id, v),
+        Err(e) => {
+            tracing::info!(uid = who.uid, pid = ?who.pid, op = op_name, code = e.code(), "request failed: {e}");
+            Response::err(req.id, &e)
+        }
+    }
 }
 
 /// Best-effort id of a frame we are going to refuse anyway.

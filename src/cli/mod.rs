@@ -134,6 +134,10 @@ pub fn is_tty() -> bool {
 }
 
 pub fn main() -> ExitCode {
+    // The CLI handles secrets too (init, import): no core dumps, private files. Best effort:
+    // a failure here must not stop an operator in an emergency (`keyward lock --all`).
+    let _ = keyward::sys::disable_core_dumps();
+    keyward::sys::set_private_umask();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // A value our types refused (key name, key type, env, ...) is bad input like any other:
