@@ -66,8 +66,8 @@ pub enum Limit {
 impl Limit {
     pub fn describe(self) -> String {
         match self {
-            Limit::Duration(d) => format!("{} s per case", d.as_secs_f64()),
-            Limit::Requests(n) => format!("{n} requests per client per case"),
+            Limit::Duration(d) => format!("{} s", d.as_secs_f64()),
+            Limit::Requests(n) => format!("{n} requests per client"),
         }
     }
 }
@@ -368,17 +368,18 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
             };
         let mut matched = None;
         if let Some((_, ids)) = &ssh {
+            // HMAC and secp256k1 keys have no ssh-agent equivalent: nothing to match or note.
             if let Some(blob) = ssh_blob(&mut client, &name, key_type)? {
                 matched = ids.iter().find(|i| i.blob == blob).map(|i| SshIdentity {
                     blob: i.blob.clone(),
                     flags: ssh_agent::flags_for(&i.blob),
                     comment: i.comment.clone(),
                 });
-            }
-            if matched.is_none() {
-                notes.push(format!(
-                    "key `{name}` ({key_type}): ssh-agent holds no identity with this public key"
-                ));
+                if matched.is_none() {
+                    notes.push(format!(
+                        "key `{name}` ({key_type}): ssh-agent holds no identity with this public key"
+                    ));
+                }
             }
         }
 

@@ -67,8 +67,11 @@ pub struct SshAgent {
     inp: Vec<u8>,
 }
 
-fn unreachable(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::AgentUnreachable(format!("ssh-agent at {}: {e}", path.display()))
+fn unreachable(path: &Path, e: std::io::Error) -> Error {
+    Error::io(
+        format!("connecting to the ssh-agent at {}", path.display()),
+        e,
+    )
 }
 
 impl SshAgent {
@@ -87,7 +90,7 @@ impl SshAgent {
         let len = u32::try_from(self.out.len() - 4)
             .map_err(|_| Error::Internal("ssh-agent request too large".into()))?;
         self.out[..4].copy_from_slice(&len.to_be_bytes());
-        let io = |e: std::io::Error| Error::AgentUnreachable(format!("ssh-agent: {e}"));
+        let io = |e: std::io::Error| Error::io("talking to the ssh-agent", e);
         self.stream.write_all(&self.out).map_err(io)?;
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).map_err(io)?;

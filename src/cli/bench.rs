@@ -40,6 +40,13 @@ pub struct BenchArgs {
     /// How the report says the run was started (scripts/bench.sh sets this).
     #[arg(long, value_name = "TEXT", hide = true)]
     report_command: Option<String>,
+    /// Append a compact section with this title to the --report file instead of rewriting
+    /// it (scripts/bench.sh uses it for its same-core diagnostic pass).
+    #[arg(long, value_name = "TITLE", hide = true, requires = "report")]
+    append_section: Option<String>,
+    /// The explanatory paragraph under --append-section's title.
+    #[arg(long, value_name = "TEXT", hide = true, requires = "append_section")]
+    section_note: Option<String>,
 }
 
 fn parse_in_process(s: &str) -> std::result::Result<(KeyName, PathBuf), String> {
@@ -136,8 +143,19 @@ pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
     );
 
     if let Some(path) = &args.report {
-        std::fs::write(path, report::markdown(&rep))
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let written = match &args.append_section {
+            Some(title) => std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| {
+                    f.write_all(
+                        report::section(&rep, title, args.section_note.as_deref().unwrap_or(""))
+                            .as_bytes(),
+                    )
+                }),
+            None => std::fs::write(path, report::markdown(&rep)),
+        };
+        written.map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     }
     let mut out = std::io::stdout().lock();
     let text = if json {
@@ -165,11 +183,9 @@ fn run_cases(
     let bar = super::is_tty().then(|| {
         let pb = indicatif::ProgressBar::new(cases.len() as u64);
         pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{bar:24}] {pos}/{len} {msg} ({elapsed})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:20}] {pos}/{len} {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         pb.enable_steady_tick(Duration::from_millis(120));
         pb
@@ -183,7 +199,7 @@ fn run_cases(
             while !h.is_finished() {
                 if let Some(pb) = &bar {
                     pb.set_message(format!(
-                        "{label}: {} requests",
+                        "{label}: {} req",
                         report::fmt_ops(progress.load(Ordering::Relaxed) as f64)
                     ));
                 }
@@ -283,12 +299,11 @@ fn human(r: &Report, report_path: Option<&PathBuf>) -> String {
     }
     let _ = writeln!(s, "Targets:");
     for t in &r.targets {
-        let verdict = match t.met {
-            Some(true) => "met",
-            Some(false) => "NOT met",
-            None => "not measured",
+        let _ = match t.met {
+            Some(true) => writeln!(s, "  {}: {} — met", t.target, t.measured),
+            Some(false) => writeln!(s, "  {}: {} — NOT met", t.target, t.measured),
+            None => writeln!(s, "  {}: not measured", t.target),
         };
-        let _ = writeln!(s, "  {}: {} — {verdict}", t.target, t.measured);
     }
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
