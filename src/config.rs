@@ -1,6 +1,7 @@
 //! `keyward.toml`: the operator's configuration, parsed strictly (unknown keys are errors).
 //! A file that fails to parse is reported with line and column and never half-applied.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,37 @@ use crate::secret::SecretSource;
 pub struct Config {
     #[serde(default)]
     pub agent: AgentConfig,
+    /// PKCS#11 tokens by alias: `[pkcs11.<alias>]`.
+    #[serde(default)]
+    pub pkcs11: BTreeMap<String, TokenConfig>,
+}
+
+/// Debian's SoftHSM module; any vendor module is configured the same way.
+pub const DEFAULT_PKCS11_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// One PKCS#11 token. Selected by label or serial, never by slot number (which changes).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    #[serde(default = "default_module")]
+    pub module: PathBuf,
+    pub label: Option<String>,
+    pub serial: Option<String>,
+    /// User PIN source: `env:NAME`, `file:PATH` (0600) or `prompt` — never the PIN itself.
+    pub pin: String,
+    /// Sessions (one per concurrent signer); 0 = number of cores.
+    #[serde(default)]
+    pub sessions: usize,
+    /// Longest a request waits on the device before `backend_unavailable`.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_module() -> PathBuf {
+    PathBuf::from(DEFAULT_PKCS11_MODULE)
+}
+fn default_timeout_ms() -> u64 {
+    2000
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -102,6 +134,29 @@ impl Config {
                 "{}: agent.log_format must be \"human\" or \"json\"",
                 origin.display()
             )));
+        }
+        for (alias, t) in &self.pkcs11 {
+            if crate::model::KeyName::new(alias).is_err() {
+                return Err(Error::Config(format!(
+                    "{}: pkcs11.{alias}: token aliases use [a-z0-9._-]",
+                    origin.display()
+                )));
+            }
+            if t.label.is_none() && t.serial.is_none() {
+                return Err(Error::Config(format!(
+                    "{}: pkcs11.{alias}: set `label` or `serial` to select the token",
+                    origin.display()
+                )));
+            }
+            t.pin.parse::<SecretSource>().map_err(|e| {
+                Error::Config(format!("{}: pkcs11.{alias}.pin: {e}", origin.display()))
+            })?;
+            if t.timeout_ms == 0 {
+                return Err(Error::Config(format!(
+                    "{}: pkcs11.{alias}.timeout_ms must be > 0",
+                    origin.display()
+                )));
+            }
         }
         if a.queue == 0 || a.max_connections == 0 || a.max_in_flight == 0 {
             return Err(Error::Config(format!(

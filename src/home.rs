@@ -181,9 +181,7 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Write `data` to `path` atomically with mode 0600: temp file in the same directory, fsync,
 /// rename over the target, fsync the directory. Readers see the old file or the new one.
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
+    let dir = parent_of(path);
     let fname = path
         .file_name()
         .ok_or_else(|| Error::Internal(format!("{} has no file name", path.display())))?
@@ -228,10 +226,15 @@ pub fn remove_durably(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
     }
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
+    sync_dir(parent_of(path))
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
-    Ok(())
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {

@@ -9,12 +9,13 @@ use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use keyward::backend::pkcs11::Pkcs11Backend;
 use keyward::backend::soft::SoftBackend;
-use keyward::backend::Backend;
+use keyward::backend::{Backend, Health};
 use keyward::config::Config;
 use keyward::home::Home;
 use keyward::keystore::{KeyMeta, Keystore};
-use keyward::model::{Algorithm, ClientIdentity, KeyName, KeyRef, KeyType};
+use keyward::model::{Algorithm, BackendKind, ClientIdentity, KeyName, KeyRef, KeyType};
 use keyward::policy::locks::Locks;
 use keyward::proto::{
     BackendStatus, HelloResult, KeyInfo, Op, PublicKeyResult, SignResult, StatusResult,
@@ -30,6 +31,8 @@ use super::pool::Pool;
 struct Served {
     meta: KeyMeta,
     current: KeyRef,
+    /// The backend holding the key (soft, or the PKCS#11 token its locator names).
+    backend: Arc<dyn Backend>,
     /// Set when the key's material could not be loaded: the key answers with this error.
     load_error: Option<String>,
     address: Option<String>,
@@ -46,6 +49,8 @@ pub struct State {
     started: Instant,
     agent_uid: u32,
     soft: Arc<SoftBackend>,
+    /// PKCS#11 tokens by alias (`[pkcs11.<alias>]`); replaced as a whole on reload.
+    tokens: RwLock<Arc<HashMap<String, Arc<Pkcs11Backend>>>>,
     pool: Pool,
     table: RwLock<Arc<Table>>,
     config: RwLock<Arc<Config>>,
@@ -58,11 +63,13 @@ impl State {
     pub fn new(home: Home, socket: PathBuf, config: Config, soft: SoftBackend) -> Result<State> {
         let locks = Locks::load(&home.state_dir())?;
         let pool = Pool::new(config.workers(), config.agent.queue);
+        let tokens = build_tokens(&config, &HashMap::new())?;
         let state = State {
             socket,
             started: Instant::now(),
             agent_uid: keyward::sys::effective_uid(),
             soft: Arc::new(soft),
+            tokens: RwLock::new(Arc::new(tokens)),
             pool,
             table: RwLock::new(Arc::new(Table {
                 keys: HashMap::new(),
@@ -106,8 +113,22 @@ impl State {
                 }
             };
             let mut load_error = None;
+            let backend = match self.backend_for(&current) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(key = %meta.name, code = e.code(), "{e}");
+                    load_error = Some(e.to_string());
+                    self.soft.clone()
+                }
+            };
             for v in &meta.versions {
                 let r = meta.key_ref(v);
+                if r.backend != BackendKind::Soft {
+                    // Device keys are looked up on the token at first use: a token that is
+                    // absent now must not stop the agent or the other keys.
+                    refs.push(r);
+                    continue;
+                }
                 if let Err(e) = self.soft.load(&r, meta.key_type) {
                     tracing::error!(key = %meta.name, version = v.version, code = e.code(), "cannot load key: {e}");
                     if v.version == meta.current {
@@ -134,6 +155,7 @@ impl State {
                 Arc::new(Served {
                     meta,
                     current,
+                    backend,
                     load_error,
                     address,
                 }),
@@ -148,9 +170,40 @@ impl State {
         Ok(n)
     }
 
+    fn tokens(&self) -> Arc<HashMap<String, Arc<Pkcs11Backend>>> {
+        self.tokens
+            .read()
+            .map(|t| t.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The backend that holds `key`.
+    fn backend_for(&self, key: &KeyRef) -> Result<Arc<dyn Backend>> {
+        match key.backend {
+            BackendKind::Soft => Ok(self.soft.clone()),
+            BackendKind::Pkcs11 => {
+                let alias = key.locator.split_once(':').map_or("", |(a, _)| a);
+                match self.tokens().get(alias) {
+                    Some(t) => Ok(t.clone()),
+                    None => Err(Error::BackendUnavailable(format!(
+                        "pkcs11 token `{alias}` is not configured in keyward.toml ([pkcs11.{alias}])"
+                    ))),
+                }
+            }
+            other => Err(Error::BackendUnavailable(format!(
+                "backend {other} is not available in this build"
+            ))),
+        }
+    }
+
     /// Re-read keyward.toml and the key registry. A bad config keeps the running one.
     pub fn reload(&self) -> Result<usize> {
         let cfg = Config::load(&self.home.config_path())?;
+        let tokens = build_tokens(&cfg, &self.tokens())?;
+        match self.tokens.write() {
+            Ok(mut t) => *t = Arc::new(tokens),
+            Err(p) => *p.into_inner() = Arc::new(tokens),
+        }
         let n = self.load_keys()?;
         match self.config.write() {
             Ok(mut c) => *c = Arc::new(cfg),
@@ -173,7 +226,7 @@ impl State {
             Some(Err(_)) => return false,
             None => s.meta.key_type.default_algorithm(),
         };
-        !self.soft.is_fast(alg)
+        !s.backend.is_fast(alg)
     }
 
     pub fn status_keys(&self) -> usize {
@@ -340,15 +393,25 @@ impl State {
         let msg = STANDARD
             .decode(data)
             .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
-        let backend = self.soft.clone();
+        let backend = s.backend.clone();
         let key_ref = s.current.clone();
         let sig = if backend.is_fast(alg) {
             backend.sign(&key_ref, alg, &msg)?
         } else {
             let msg = msg.clone();
-            self.pool
-                .run(move || backend.sign(&key_ref, alg, &msg))
-                .await?
+            let limit = backend.timeout();
+            let job = self.pool.run(move || backend.sign(&key_ref, alg, &msg));
+            match limit {
+                // A device that hangs must not hang the client: answer within the limit (the
+                // worker finishes or fails on its own; its session stays out until then).
+                Some(t) => tokio::time::timeout(t, job).await.map_err(|_| {
+                    Error::BackendUnavailable(format!(
+                        "the device did not answer within {} ms",
+                        t.as_millis()
+                    ))
+                })??,
+                None => job.await?,
+            }
         };
         let (signature, digest) = match sig.recovery_id {
             Some(rid) => {
@@ -386,13 +449,49 @@ impl State {
             dumpable: keyward::sys::is_dumpable(),
             memory_locked: keyward::sys::memory_locked(),
             locks: self.with_locks(|l| Ok(l.list()))?,
-            backends: vec![BackendStatus {
+            backends: std::iter::once(BackendStatus {
                 kind: self.soft.kind().to_string(),
                 up: true,
                 detail: None,
-            }],
+            })
+            .chain(self.tokens().values().map(|t| {
+                let (up, detail) = match t.health() {
+                    Health::Up => (true, None),
+                    Health::Down(why) => (false, Some(why)),
+                };
+                BackendStatus {
+                    kind: format!("pkcs11:{}", t.alias()),
+                    up,
+                    detail,
+                }
+            }))
+            .collect(),
         })
     }
+}
+
+/// Open the configured PKCS#11 tokens, keeping `current` ones whose configuration did not
+/// change (and whose PIN was not refused: a reload is how an operator retries a PIN).
+fn build_tokens(
+    config: &Config,
+    current: &HashMap<String, Arc<Pkcs11Backend>>,
+) -> Result<HashMap<String, Arc<Pkcs11Backend>>> {
+    let mut out = HashMap::new();
+    for (alias, cfg) in &config.pkcs11 {
+        if let Some(t) = current.get(alias) {
+            if t.config() == cfg && !t.pin_rejected() {
+                out.insert(alias.clone(), t.clone());
+                continue;
+            }
+        }
+        let source: keyward::secret::SecretSource = cfg.pin.parse()?;
+        let pin = source.read(&format!("PIN of pkcs11 token {alias}"))?;
+        out.insert(
+            alias.clone(),
+            Arc::new(Pkcs11Backend::new(alias, cfg.clone(), pin)),
+        );
+    }
+    Ok(out)
 }
 
 fn lock_target(key: Option<&KeyName>, all: bool) -> Result<Option<&KeyName>> {

@@ -2,6 +2,7 @@
 //! Methods default to `unsupported`, PARSEC-style, so a backend implements only what it can.
 
 pub mod material;
+pub mod pkcs11;
 pub mod soft;
 
 use crate::error::{Error, Result};
@@ -73,6 +74,11 @@ pub trait Backend: Send + Sync {
     fn sign(&self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
         let _ = (key, msg);
         Err(unsupported(self.kind(), &format!("signing with {alg}")))
+    }
+
+    /// Longest a request may wait for this backend before `backend_unavailable` (devices).
+    fn timeout(&self) -> Option<std::time::Duration> {
+        None
     }
 
     /// Whether `sign` for this algorithm finishes in microseconds (run inline rather than

@@ -6,11 +6,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use keyward::backend::material;
+use keyward::backend::pkcs11::Pkcs11Backend;
 use keyward::backend::soft::SoftBackend;
 use keyward::backend::{Backend, KeySpec, NewKey};
+use keyward::config::Config;
 use keyward::home::Home;
 use keyward::keystore::{now_rfc3339, KeyMeta, KeyVersion, Keystore};
-use keyward::model::{BackendKind, Env, KeyName, KeyType};
+use keyward::model::{Algorithm, BackendKind, Env, KeyName, KeyType};
 use keyward::secret::{read_secret, SecretSource};
 use keyward::{pubkey, Error, Result};
 use serde_json::json;
@@ -48,6 +50,28 @@ pub enum KeyCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Adopt a key another tool created on a token (by label or CKA_ID).
+    Adopt {
+        name: KeyName,
+        /// Backend holding the object (pkcs11).
+        #[arg(long, value_parser = ["pkcs11"])]
+        backend: String,
+        /// Token alias from keyward.toml (`[pkcs11.<alias>]`).
+        #[arg(long)]
+        token: String,
+        /// The object's CKA_LABEL.
+        #[arg(long, required_unless_present = "id", conflicts_with = "id")]
+        label: Option<String>,
+        /// The object's CKA_ID, hex.
+        #[arg(long)]
+        id: Option<String>,
+        /// prod or demo.
+        #[arg(long, default_value = "prod")]
+        env: Env,
+        /// The exchange's API key id for this secret.
+        #[arg(long, value_name = "ID")]
+        api_key: Option<String>,
+    },
     /// List keys.
     List,
     /// Show one key's metadata.
@@ -69,6 +93,12 @@ pub enum KeyCmd {
 
 #[derive(clap::Args)]
 pub struct Common {
+    /// Where the key lives: soft (encrypted file) or pkcs11 (a token, see --token).
+    #[arg(long, value_parser = ["soft", "pkcs11"], default_value = "soft")]
+    backend: String,
+    /// Token alias from keyward.toml (`[pkcs11.<alias>]`) for --backend pkcs11.
+    #[arg(long, value_name = "ALIAS")]
+    token: Option<String>,
     /// prod or demo (a demo client can never use a prod key).
     #[arg(long, default_value = "prod")]
     env: Env,
@@ -87,7 +117,7 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
             common,
         } => {
             prepare_new(&store, &name)?;
-            let backend = cli_backend(&home)?;
+            let backend = Target::open(&home, &common, None)?;
             let spec = KeySpec {
                 name: name.clone(),
                 version: 1,
@@ -97,11 +127,11 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                 &format!("generating {key_type} key {name}"),
                 key_type.is_rsa(),
             );
-            let nk = backend.generate(&spec);
+            let nk = backend.get().generate(&spec);
             if let Some(s) = spinner {
                 s.finish_and_clear();
             }
-            let meta = commit(&store, &backend, &spec, nk?, &common)?;
+            let meta = commit(&store, backend.get(), &spec, nk?, &common)?;
             let note = notify_agent(ctx);
             ctx.emit(&meta_json(&meta), || {
                 format!(
@@ -129,8 +159,9 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                 check_shreddable(&file)?;
             }
             prepare_new(&store, &name)?;
-            // Unlock first when verifying: a wrong passphrase must leave nothing behind.
-            let identity = if shred {
+            // Unlock first when verifying: a wrong passphrase must leave nothing behind. Device
+            // imports are verified by signing on the device instead.
+            let identity = if shred && common.backend == "soft" {
                 let source: SecretSource = passphrase.as_deref().unwrap_or("prompt").parse()?;
                 let pass = source.read("identity passphrase")?;
                 Some(keyward::identity::unlock(&home, &pass)?)
@@ -150,21 +181,14 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                 version: 1,
                 key_type: m.key_type(),
             };
-            let recipient = keyward::identity::recipient(&home)?;
-            let backend = SoftBackend::new(&home.keys_dir(), recipient, identity);
+            let backend = Target::open(&home, &common, identity)?;
             let reference =
                 material::SecretKeyMaterial::from_storage(m.key_type(), m.to_storage()?)?;
-            let nk = backend.import(&spec, m)?;
-            let meta = commit(&store, &backend, &spec, nk, &common)?;
+            let nk = backend.get().import(&spec, m)?;
+            let meta = commit(&store, backend.get(), &spec, nk, &common)?;
             let mut shredded = false;
             if shred {
-                let stored = backend.decrypt(&meta.key_ref(&meta.versions[0]), spec.key_type)?;
-                if stored.expose() != reference.expose() {
-                    return Err(Error::Internal(
-                        "the stored key does not match the input; the source was NOT shredded"
-                            .into(),
-                    ));
-                }
+                backend.verify_import(&meta, &reference)?;
                 shred_file(&file)?;
                 shredded = true;
             }
@@ -181,6 +205,45 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                     } else {
                         String::new()
                     }
+                )
+            });
+            Ok(())
+        }
+        KeyCmd::Adopt {
+            name,
+            backend: _,
+            token,
+            label,
+            id,
+            env,
+            api_key,
+        } => {
+            prepare_new(&store, &name)?;
+            let id = id
+                .map(|h| hex::decode(h.trim_start_matches("0x")))
+                .transpose()
+                .map_err(|_| Error::BadRequest("--id must be hex".into()))?;
+            let tok = open_token(&home, &token)?;
+            let (key_ref, key_type, public) = tok.adopt(label.as_deref(), id.as_deref())?;
+            let spec = KeySpec {
+                name: name.clone(),
+                version: 1,
+                key_type,
+            };
+            let common = Common {
+                backend: "pkcs11".into(),
+                token: Some(token),
+                env,
+                api_key,
+            };
+            // Adopted objects belong to whoever made them: never delete them on failure.
+            let meta = write_meta(&store, &spec, &NewKey { key_ref, public }, &common)?;
+            let note = notify_agent(ctx);
+            ctx.emit(&meta_json(&meta), || {
+                format!(
+                    "adopted {name} ({key_type}) from token {}, fingerprint {}; {note}",
+                    common.token.as_deref().unwrap_or_default(),
+                    meta.versions[0].fingerprint
                 )
             });
             Ok(())
@@ -234,12 +297,12 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                     "not deleted (pass --yes to skip the question)".into(),
                 ));
             }
-            let backend = cli_backend(&home)?;
+            let backend = Target::for_key(&home, &meta)?;
             // Metadata first: once it is gone the key no longer exists, even if a crash
             // interrupts the removal of its material (swept as orphans later).
             store.remove(&name)?;
             for v in &meta.versions {
-                backend.delete(&meta.key_ref(v))?;
+                backend.get().delete(&meta.key_ref(v))?;
             }
             let note = notify_agent(ctx);
             ctx.emit(&json!({"deleted": name.to_string()}), || {
@@ -269,12 +332,142 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
     }
 }
 
-fn cli_backend(home: &Home) -> Result<SoftBackend> {
-    Ok(SoftBackend::new(
-        &home.keys_dir(),
-        keyward::identity::recipient(home)?,
-        None,
-    ))
+/// The backend a key command works on: the soft store, or one configured token.
+enum Target {
+    Soft(SoftBackend),
+    Token(Box<Pkcs11Backend>),
+}
+
+impl Target {
+    fn open(
+        home: &Home,
+        common: &Common,
+        identity: Option<age::x25519::Identity>,
+    ) -> Result<Target> {
+        match (common.backend.as_str(), &common.token) {
+            ("soft", None) => Ok(Target::Soft(SoftBackend::new(
+                &home.keys_dir(),
+                keyward::identity::recipient(home)?,
+                identity,
+            ))),
+            ("soft", Some(_)) => Err(Error::BadRequest(
+                "--token goes with --backend pkcs11".into(),
+            )),
+            (_, Some(alias)) => Ok(Target::Token(Box::new(open_token(home, alias)?))),
+            (_, None) => Err(Error::BadRequest(
+                "--backend pkcs11 needs --token ALIAS".into(),
+            )),
+        }
+    }
+
+    /// The backend holding an existing key.
+    fn for_key(home: &Home, meta: &KeyMeta) -> Result<Target> {
+        match meta.backend {
+            BackendKind::Soft => Ok(Target::Soft(SoftBackend::new(
+                &home.keys_dir(),
+                keyward::identity::recipient(home)?,
+                None,
+            ))),
+            BackendKind::Pkcs11 => {
+                let v = meta.current_version()?;
+                let alias = v.locator.split_once(':').map_or("", |(a, _)| a);
+                Ok(Target::Token(Box::new(open_token(home, alias)?)))
+            }
+            other => Err(Error::Unsupported(format!(
+                "backend {other} is not available"
+            ))),
+        }
+    }
+
+    fn get(&self) -> &dyn Backend {
+        match self {
+            Target::Soft(b) => b,
+            Target::Token(b) => b.as_ref(),
+        }
+    }
+
+    /// Prove the stored key equals the input before the input is shredded: decrypt the soft
+    /// copy and compare; on a device (non-extractable) sign there and check against the input.
+    fn verify_import(&self, meta: &KeyMeta, reference: &material::SecretKeyMaterial) -> Result<()> {
+        let key_ref = meta.key_ref(&meta.versions[0]);
+        let same = match self {
+            Target::Soft(b) => b.decrypt(&key_ref, meta.key_type)?.expose() == reference.expose(),
+            Target::Token(b) => {
+                let probe = b"keyward import verification";
+                let alg = meta.key_type.default_algorithm();
+                let sig = b.sign(&key_ref, alg, probe)?;
+                verify_with_material(reference, alg, probe, &sig.bytes)?
+            }
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(Error::Internal(
+                "the stored key does not match the input; the source was NOT shredded".into(),
+            ))
+        }
+    }
+}
+
+/// Check a signature made elsewhere against the original key material.
+fn verify_with_material(
+    m: &material::SecretKeyMaterial,
+    alg: Algorithm,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<bool> {
+    use aws_lc_rs::signature::{self as s, UnparsedPublicKey};
+    if m.key_type().is_hmac() {
+        let algo = if alg == Algorithm::HmacSha512 {
+            aws_lc_rs::hmac::HMAC_SHA512
+        } else {
+            aws_lc_rs::hmac::HMAC_SHA256
+        };
+        let k = aws_lc_rs::hmac::Key::new(algo, m.expose());
+        return Ok(aws_lc_rs::hmac::verify(&k, msg, sig).is_ok());
+    }
+    let spki = material::public_spki(m)?.ok_or_else(|| Error::Internal("no public key".into()))?;
+    let raw = pubkey::raw_public_key(&spki)?;
+    let ok = match alg {
+        Algorithm::Ed25519 => UnparsedPublicKey::new(&s::ED25519, &raw)
+            .verify(msg, sig)
+            .is_ok(),
+        Algorithm::EcdsaP256Sha256 => UnparsedPublicKey::new(&s::ECDSA_P256_SHA256_FIXED, &raw)
+            .verify(msg, sig)
+            .is_ok(),
+        Algorithm::EcdsaP384Sha384 => UnparsedPublicKey::new(&s::ECDSA_P384_SHA384_FIXED, &raw)
+            .verify(msg, sig)
+            .is_ok(),
+        Algorithm::RsaPkcs1Sha256 => UnparsedPublicKey::new(&s::RSA_PKCS1_2048_8192_SHA256, &raw)
+            .verify(msg, sig)
+            .is_ok(),
+        Algorithm::EcdsaSecp256k1Keccak256 => {
+            use k256::ecdsa::signature::hazmat::PrehashVerifier;
+            use sha3::Digest;
+            let vk = k256::ecdsa::VerifyingKey::from_sec1_bytes(&raw)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let sig = k256::ecdsa::Signature::from_slice(sig)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            vk.verify_prehash(&sha3::Keccak256::digest(msg), &sig)
+                .is_ok()
+        }
+        other => return Err(Error::Unsupported(format!("verifying {other} imports"))),
+    };
+    Ok(ok)
+}
+
+/// Connect to a token configured as `[pkcs11.<alias>]`, reading its PIN from its source.
+pub fn open_token(home: &Home, alias: &str) -> Result<Pkcs11Backend> {
+    let config = Config::load(&home.config_path())?;
+    let cfg = config.pkcs11.get(alias).cloned().ok_or_else(|| {
+        Error::Config(format!(
+            "no token `{alias}` in {}: add a [pkcs11.{alias}] section (docs/pkcs11.md)",
+            home.config_path().display()
+        ))
+    })?;
+    let source: SecretSource = cfg.pin.parse()?;
+    let pin = source.read(&format!("PIN of token {alias}"))?;
+    Pkcs11Backend::connect(alias, cfg, pin)
 }
 
 /// Refuse an existing name; clear material an interrupted earlier create left behind.
@@ -288,20 +481,26 @@ fn prepare_new(store: &Keystore, name: &KeyName) -> Result<()> {
     Ok(())
 }
 
-/// Write the metadata (the commit point). If that fails, remove the material just written.
+/// Write the metadata (the commit point). If that fails, remove the material just made.
 fn commit(
     store: &Keystore,
-    backend: &SoftBackend,
+    backend: &dyn Backend,
     spec: &KeySpec,
     nk: NewKey,
     common: &Common,
 ) -> Result<KeyMeta> {
+    write_meta(store, spec, &nk, common).inspect_err(|_| {
+        let _ = backend.delete(&nk.key_ref);
+    })
+}
+
+fn write_meta(store: &Keystore, spec: &KeySpec, nk: &NewKey, common: &Common) -> Result<KeyMeta> {
     use base64::Engine;
     let now = now_rfc3339();
     let meta = KeyMeta {
         name: spec.name.clone(),
         key_type: spec.key_type,
-        backend: BackendKind::Soft,
+        backend: nk.key_ref.backend,
         env: common.env,
         created: now.clone(),
         current: spec.version,
@@ -320,10 +519,7 @@ fn commit(
                 .map(|d| base64::engine::general_purpose::STANDARD.encode(d)),
         }],
     };
-    if let Err(e) = store.create(&meta) {
-        let _ = backend.delete(&nk.key_ref);
-        return Err(e);
-    }
+    store.create(&meta)?;
     Ok(meta)
 }
 

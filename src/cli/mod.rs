@@ -7,6 +7,7 @@ mod bench;
 mod init;
 mod key;
 mod sign;
+mod token;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -51,6 +52,9 @@ enum Command {
     Key(key::KeyCmd),
     /// Sign raw bytes through the agent.
     Sign(sign::SignArgs),
+    /// List or initialise PKCS#11 tokens.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Stop all signing, or one key's (persists across restarts).
     Lock(admin::LockArgs),
     /// Lift a lock.
@@ -162,6 +166,7 @@ pub fn main() -> ExitCode {
         Command::Status => admin::status(&ctx),
         Command::Key(k) => key::run(&ctx, k),
         Command::Sign(a) => sign::run(&ctx, a),
+        Command::Token(t) => token::run(&ctx, t),
         Command::Lock(a) => admin::lock(&ctx, a),
         Command::Unlock(a) => admin::unlock(&ctx, a),
         Command::Reload => admin::reload(&ctx),
