@@ -264,6 +264,12 @@ mod tests {
     }
 
     #[test]
+    fn bare_file_names_use_the_current_directory() {
+        assert_eq!(parent_of(Path::new("sec")), Path::new("."));
+        assert_eq!(parent_of(Path::new("/a/b")), Path::new("/a"));
+    }
+
+    #[test]
     fn loose_home_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let h = Home::at(&d.path().join("h"));

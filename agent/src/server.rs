@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use keyward::error::IoContext;
 use keyward::model::ClientIdentity;
-use keyward::proto::{self, frame, Response};
+use keyward::proto::frame::{self, Buffered};
+use keyward::proto::{self, Response};
 use keyward::{Error, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -184,8 +185,8 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
         // no task hand-off, so a round trip costs no extra thread wake-ups.
         let mut consumed = 0;
         while !closing {
-            match next_frame(&inbuf[consumed..]) {
-                Frame::Complete(len) => {
+            match frame::buffered(&inbuf[consumed..]) {
+                Buffered::Complete(len) => {
                     let body = &inbuf[consumed + 4..consumed + 4 + len];
                     consumed += 4 + len;
                     match proto::parse_request(body) {
@@ -214,8 +215,8 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
                         }
                     }
                 }
-                Frame::Partial => break,
-                Frame::TooLarge(n) => {
+                Buffered::Partial => break,
+                Buffered::TooLarge(n) => {
                     let e = Error::TooLarge(format!(
                         "frame of {n} bytes exceeds the {}-byte limit",
                         proto::MAX_FRAME
@@ -257,33 +258,8 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
     }
 }
 
-enum Frame {
-    /// A whole frame of this body length is buffered.
-    Complete(usize),
-    /// More bytes are needed.
-    Partial,
-    /// The announced length is over the limit (refused before reading the body).
-    TooLarge(usize),
-}
-
-fn next_frame(buf: &[u8]) -> Frame {
-    let Some(len) = buf.get(..4) else {
-        return Frame::Partial;
-    };
-    let n = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if n > proto::MAX_FRAME {
-        Frame::TooLarge(n)
-    } else if buf.len() >= 4 + n {
-        Frame::Complete(n)
-    } else {
-        Frame::Partial
-    }
-}
-
 fn push(out: &mut Vec<u8>, resp: &Response) {
-    let body = resp.to_bytes();
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    frame::encode_into(out, &resp.to_bytes());
 }
 
 async fn answer(state: &State, who: &ClientIdentity, req: proto::Request) -> Response {

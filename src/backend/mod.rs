@@ -94,6 +94,19 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Imported material must be of the type the key is declared with.
+pub fn check_material(spec: &KeySpec, secret: &SecretKeyMaterial) -> Result<()> {
+    if secret.key_type() == spec.key_type {
+        Ok(())
+    } else {
+        Err(Error::InvalidKeyMaterial(format!(
+            "the key is {}, not {}",
+            secret.key_type(),
+            spec.key_type
+        )))
+    }
+}
+
 pub fn unsupported(kind: BackendKind, what: &str) -> Error {
     Error::Unsupported(format!("backend {kind} does not support {what}"))
 }

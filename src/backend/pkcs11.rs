@@ -535,13 +535,7 @@ impl Backend for Pkcs11Backend {
     }
 
     fn import(&self, spec: &KeySpec, secret: SecretKeyMaterial) -> Result<NewKey> {
-        if secret.key_type() != spec.key_type {
-            return Err(Error::InvalidKeyMaterial(format!(
-                "the key is {}, not {}",
-                secret.key_type(),
-                spec.key_type
-            )));
-        }
+        super::check_material(spec, &secret)?;
         let id = new_id()?;
         let label = spec.name.as_str().as_bytes().to_vec();
         let t = spec.key_type;
@@ -620,105 +614,64 @@ fn sign_with(
     alg: Algorithm,
     msg: &[u8],
 ) -> std::result::Result<Signature, Failure> {
-    let plain = |bytes| Signature {
-        bytes,
-        recovery_id: None,
-    };
-    let pss = |hash: MechanismType, mgf: PkcsMgfType, len: u64| PkcsPssParams {
+    let pss = |hash, mgf, len: u64| PkcsPssParams {
         hash_alg: hash,
         mgf,
         s_len: len.into(),
     };
-    // Mechanism values are built here, on the signing thread (they are not Send).
-    let out = match alg {
-        Algorithm::Ed25519 => plain(
-            s.sign(
-                &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-                k.handle,
-                msg,
-            )
-            .map_err(classify)?,
-        ),
-        Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 => {
-            // Tokens such as SoftHSM lack CKM_ECDSA_SHA256: hash here, sign the digest.
-            let d = if alg == Algorithm::EcdsaP256Sha256 {
-                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
-            } else {
-                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, msg)
-            };
-            plain(
-                s.sign(&Mechanism::Ecdsa, k.handle, d.as_ref())
-                    .map_err(classify)?,
-            )
-        }
-        Algorithm::EcdsaSecp256k1Keccak256
-        | Algorithm::EcdsaSecp256k1Sha256
-        | Algorithm::EcdsaSecp256k1Prehashed => {
-            let digest: [u8; 32] = match alg {
-                Algorithm::EcdsaSecp256k1Keccak256 => sha3::Keccak256::digest(msg).into(),
-                Algorithm::EcdsaSecp256k1Sha256 => {
-                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| Failure::Other(Error::Internal("digest length".into())))?
-                }
-                _ => msg.try_into().map_err(|_| {
-                    Failure::Other(Error::BadRequest(format!(
-                        "{alg} needs a 32-byte digest, got {} bytes",
-                        msg.len()
-                    )))
-                })?,
-            };
-            let raw = s
-                .sign(&Mechanism::Ecdsa, k.handle, &digest)
-                .map_err(classify)?;
-            let point = k.public_point.as_deref().ok_or_else(|| {
-                Failure::Other(Error::Internal("secp256k1 key without public point".into()))
-            })?;
-            recoverable(&raw, &digest, point).map_err(Failure::Other)?
-        }
-        Algorithm::RsaPkcs1Sha256 => plain(
-            s.sign(&Mechanism::Sha256RsaPkcs, k.handle, msg)
-                .map_err(classify)?,
-        ),
-        Algorithm::RsaPkcs1Sha512 => plain(
-            s.sign(&Mechanism::Sha512RsaPkcs, k.handle, msg)
-                .map_err(classify)?,
-        ),
-        Algorithm::RsaPssSha256 => plain(
-            s.sign(
-                &Mechanism::Sha256RsaPkcsPss(pss(
-                    MechanismType::SHA256,
-                    PkcsMgfType::MGF1_SHA256,
-                    32,
-                )),
-                k.handle,
-                msg,
-            )
-            .map_err(classify)?,
-        ),
-        Algorithm::RsaPssSha512 => plain(
-            s.sign(
-                &Mechanism::Sha512RsaPkcsPss(pss(
-                    MechanismType::SHA512,
-                    PkcsMgfType::MGF1_SHA512,
-                    64,
-                )),
-                k.handle,
-                msg,
-            )
-            .map_err(classify)?,
-        ),
-        Algorithm::HmacSha256 => plain(
-            s.sign(&Mechanism::Sha256Hmac, k.handle, msg)
-                .map_err(classify)?,
-        ),
-        Algorithm::HmacSha512 => plain(
-            s.sign(&Mechanism::Sha512Hmac, k.handle, msg)
-                .map_err(classify)?,
-        ),
+    let sha = |d: &'static aws_lc_rs::digest::Algorithm| {
+        aws_lc_rs::digest::digest(d, msg).as_ref().to_vec()
     };
-    Ok(out)
+    // Mechanism values are built here, on the signing thread (they are not Send). Tokens such
+    // as SoftHSM lack CKM_ECDSA_SHA256: ECDSA input is hashed here and the digest signed.
+    let (mech, input) = match alg {
+        Algorithm::Ed25519 => (
+            Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            msg.to_vec(),
+        ),
+        Algorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, sha(&aws_lc_rs::digest::SHA256)),
+        Algorithm::EcdsaP384Sha384 => (Mechanism::Ecdsa, sha(&aws_lc_rs::digest::SHA384)),
+        Algorithm::EcdsaSecp256k1Keccak256 => {
+            (Mechanism::Ecdsa, sha3::Keccak256::digest(msg).to_vec())
+        }
+        Algorithm::EcdsaSecp256k1Sha256 => (Mechanism::Ecdsa, sha(&aws_lc_rs::digest::SHA256)),
+        Algorithm::EcdsaSecp256k1Prehashed => {
+            if msg.len() != 32 {
+                return Err(Failure::Other(Error::BadRequest(format!(
+                    "{alg} needs a 32-byte digest, got {} bytes",
+                    msg.len()
+                ))));
+            }
+            (Mechanism::Ecdsa, msg.to_vec())
+        }
+        Algorithm::RsaPkcs1Sha256 => (Mechanism::Sha256RsaPkcs, msg.to_vec()),
+        Algorithm::RsaPkcs1Sha512 => (Mechanism::Sha512RsaPkcs, msg.to_vec()),
+        Algorithm::RsaPssSha256 => (
+            Mechanism::Sha256RsaPkcsPss(pss(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, 32)),
+            msg.to_vec(),
+        ),
+        Algorithm::RsaPssSha512 => (
+            Mechanism::Sha512RsaPkcsPss(pss(MechanismType::SHA512, PkcsMgfType::MGF1_SHA512, 64)),
+            msg.to_vec(),
+        ),
+        Algorithm::HmacSha256 => (Mechanism::Sha256Hmac, msg.to_vec()),
+        Algorithm::HmacSha512 => (Mechanism::Sha512Hmac, msg.to_vec()),
+    };
+    let raw = s.sign(&mech, k.handle, &input).map_err(classify)?;
+    if k.key_type != KeyType::Secp256k1 {
+        return Ok(Signature {
+            bytes: raw,
+            recovery_id: None,
+        });
+    }
+    let digest: [u8; 32] = input
+        .as_slice()
+        .try_into()
+        .map_err(|_| Failure::Other(Error::Internal("secp256k1 digest length".into())))?;
+    let point = k.public_point.as_deref().ok_or_else(|| {
+        Failure::Other(Error::Internal("secp256k1 key without public point".into()))
+    })?;
+    recoverable(&raw, &digest, point).map_err(Failure::Other)
 }
 
 /// Low-s normalise a token's raw r‖s and find the recovery id by trying both candidates

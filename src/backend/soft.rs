@@ -261,13 +261,7 @@ impl Backend for SoftBackend {
     }
 
     fn import(&self, spec: &KeySpec, secret: SecretKeyMaterial) -> Result<NewKey> {
-        if secret.key_type() != spec.key_type {
-            return Err(Error::InvalidKeyMaterial(format!(
-                "the key is {}, not {}",
-                secret.key_type(),
-                spec.key_type
-            )));
-        }
+        super::check_material(spec, &secret)?;
         self.store(spec, &secret)
     }
 
@@ -344,16 +338,7 @@ pub fn generate_material(t: KeyType) -> Result<SecretKeyMaterial> {
 
 /// age-encrypt `plaintext` to one X25519 recipient (binary age format, readable by `age -d`).
 pub fn encrypt_to(recipient: &age::x25519::Recipient, plaintext: &[u8]) -> Result<Vec<u8>> {
-    let enc = age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
-        .map_err(|e| Error::Internal(format!("age: {e}")))?;
-    let mut out = Vec::with_capacity(plaintext.len() + 256);
-    let mut w = enc
-        .wrap_output(&mut out)
-        .map_err(|e| Error::Internal(format!("age: {e}")))?;
-    w.write_all(plaintext)
-        .and_then(|_| w.finish().map(|_| ()))
-        .map_err(|e| Error::Internal(format!("age: {e}")))?;
-    Ok(out)
+    encrypt(recipient, plaintext)
 }
 
 /// age-encrypt `plaintext` with a passphrase (scrypt); `work_factor` is log2(N).
@@ -366,15 +351,18 @@ pub fn encrypt_to_passphrase(
     if let Some(w) = work_factor {
         r.set_work_factor(w);
     }
-    let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
-        .map_err(|e| Error::Internal(format!("age: {e}")))?;
-    let mut out = Vec::new();
-    let mut w = enc
-        .wrap_output(&mut out)
-        .map_err(|e| Error::Internal(format!("age: {e}")))?;
+    encrypt(&r, plaintext)
+}
+
+fn encrypt(recipient: &dyn age::Recipient, plaintext: &[u8]) -> Result<Vec<u8>> {
+    let age_err = |e: &dyn std::fmt::Display| Error::Internal(format!("age: {e}"));
+    let enc =
+        age::Encryptor::with_recipients(std::iter::once(recipient)).map_err(|e| age_err(&e))?;
+    let mut out = Vec::with_capacity(plaintext.len() + 256);
+    let mut w = enc.wrap_output(&mut out).map_err(|e| age_err(&e))?;
     w.write_all(plaintext)
         .and_then(|_| w.finish().map(|_| ()))
-        .map_err(|e| Error::Internal(format!("age: {e}")))?;
+        .map_err(|e| age_err(&e))?;
     Ok(out)
 }
 

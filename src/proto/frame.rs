@@ -32,9 +32,48 @@ impl std::fmt::Display for FrameError {
 /// Prefix `body` with its length.
 pub fn encode(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + body.len());
+    encode_into(&mut out, body);
+    out
+}
+
+/// Append the frame of `body` to `out` (batching several answers into one write).
+pub fn encode_into(out: &mut Vec<u8>, body: &[u8]) {
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(body);
-    out
+}
+
+/// The body length a 4-byte prefix announces, refused above [`MAX_FRAME`] before any body
+/// byte is read or allocated.
+pub fn announced_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let n = u32::from_be_bytes(prefix) as usize;
+    if n > MAX_FRAME {
+        Err(FrameError::TooLarge(n))
+    } else {
+        Ok(n)
+    }
+}
+
+/// What a buffer of received bytes holds at its start.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Buffered {
+    /// A whole frame with a body of this length (the frame is `4 + len` bytes).
+    Complete(usize),
+    /// More bytes are needed.
+    Partial,
+    /// The announced length is over the limit.
+    TooLarge(usize),
+}
+
+/// Inspect the start of `buf` (used by readers that buffer several pipelined frames).
+pub fn buffered(buf: &[u8]) -> Buffered {
+    let Some(&[a, b, c, d]) = buf.get(..4) else {
+        return Buffered::Partial;
+    };
+    match announced_len([a, b, c, d]) {
+        Err(_) => Buffered::TooLarge(u32::from_be_bytes([a, b, c, d]) as usize),
+        Ok(n) if buf.len() >= 4 + n => Buffered::Complete(n),
+        Ok(_) => Buffered::Partial,
+    }
 }
 
 /// Read one frame; `Ok(None)` on a clean end of stream between frames.
@@ -50,16 +89,9 @@ pub async fn read_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
-    let n = u32::from_be_bytes(len) as usize;
-    if n > MAX_FRAME {
-        return Err(FrameError::TooLarge(n));
-    }
-    let mut body = vec![0u8; n];
-    match r.read_exact(&mut body).await {
-        Ok(_) => Ok(Some(body)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
-        Err(e) => Err(FrameError::Io(e)),
-    }
+    let mut body = vec![0u8; announced_len(len)?];
+    r.read_exact(&mut body).await.map_err(body_error)?;
+    Ok(Some(body))
 }
 
 /// Blocking counterpart of [`read_async`].
@@ -75,15 +107,16 @@ pub fn read_sync<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
             Err(e) => return Err(FrameError::Io(e)),
         }
     }
-    let n = u32::from_be_bytes(len) as usize;
-    if n > MAX_FRAME {
-        return Err(FrameError::TooLarge(n));
-    }
-    let mut body = vec![0u8; n];
-    match r.read_exact(&mut body) {
-        Ok(()) => Ok(Some(body)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
-        Err(e) => Err(FrameError::Io(e)),
+    let mut body = vec![0u8; announced_len(len)?];
+    r.read_exact(&mut body).map_err(body_error)?;
+    Ok(Some(body))
+}
+
+fn body_error(e: io::Error) -> FrameError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        FrameError::Truncated
+    } else {
+        FrameError::Io(e)
     }
 }
 
