@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -50,6 +51,9 @@ struct Conn {
     backoff: Duration,
     /// The token refused the PIN: never try again on our own (it would lock the token).
     pin_rejected: bool,
+    /// A connection declared lost while operations were still running on it; no new one is
+    /// opened until they are done, so the module can be finalised and re-initialised cleanly.
+    retired: Option<Weak<Live>>,
 }
 
 /// A loaded module with an open, logged-in set of sessions. Dropped as a whole when the
@@ -59,7 +63,39 @@ struct Live {
     available: Condvar,
     keys: Mutex<HashMap<Vec<u8>, Arc<KeyObject>>>,
     slot: Slot,
+    module: Arc<Module>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // Close sessions before the module may be finalised (when `module` drops after this).
+        self.sessions
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+/// One initialised PKCS#11 module, shared by every token (and every command) that uses the
+/// same library file: PKCS#11 state is per process and module, so C_Finalize must wait until
+/// the last user is gone, and a later C_Initialize then starts the module afresh (which is
+/// what lets a re-attached device or restored token be seen again).
+pub struct Module {
     ctx: Pkcs11,
+    path: PathBuf,
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(module = %self.path.display(), "C_Finalize: {e}");
+        }
+    }
+}
+
+fn modules() -> &'static Mutex<HashMap<PathBuf, Weak<Module>>> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Weak<Module>>>> = OnceLock::new();
+    MODULES.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// A private (or secret) key object and what signing with it needs besides its handle.
@@ -111,6 +147,7 @@ impl Pkcs11Backend {
                 next_attempt: Instant::now(),
                 backoff: FIRST_BACKOFF,
                 pin_rejected: false,
+                retired: None,
             }),
         };
         if let Err(e) = b.live() {
@@ -162,6 +199,14 @@ impl Pkcs11Backend {
                 "the token rejected the PIN; fix the PIN source and run `keyward reload` (the agent never retries a PIN)",
             ));
         }
+        if let Some(old) = &c.retired {
+            if old.strong_count() > 0 {
+                return Err(self.unavailable(
+                    "the device was lost; waiting for operations still running on it",
+                ));
+            }
+            c.retired = None;
+        }
         if Instant::now() < c.next_attempt {
             let why = c
                 .last_error
@@ -195,7 +240,8 @@ impl Pkcs11Backend {
     }
 
     fn open(&self) -> Result<Live> {
-        let ctx = load_module(&self.cfg.module)?;
+        let module = load_module(&self.cfg.module)?;
+        let ctx = module.ctx.clone();
         let slot = find_slot(&ctx, &self.cfg)?;
         let n = if self.cfg.sessions > 0 {
             self.cfg.sessions
@@ -217,7 +263,7 @@ impl Pkcs11Backend {
             available: Condvar::new(),
             keys: Mutex::new(HashMap::new()),
             slot,
-            ctx,
+            module,
         })
     }
 
@@ -278,6 +324,7 @@ impl Pkcs11Backend {
                 let mut c = self.conn();
                 if c.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, &live)) {
                     c.live = None;
+                    c.retired = Some(Arc::downgrade(&live));
                     c.last_error = Some(why.clone());
                     c.next_attempt = Instant::now() + c.backoff;
                     c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
@@ -430,7 +477,7 @@ impl Pkcs11Backend {
     /// Token facts for `token list`.
     pub fn summary(&self) -> Result<TokenSummary> {
         let live = self.live()?;
-        summarize(&live.ctx, live.slot)
+        summarize(&live.module.ctx, live.slot)
     }
 }
 
@@ -734,7 +781,12 @@ fn classify(e: CkError) -> Failure {
     }
 }
 
-fn load_module(path: &Path) -> Result<Pkcs11> {
+/// The shared, initialised module for `path` (loading and initialising it if no one holds it).
+fn load_module(path: &Path) -> Result<Arc<Module>> {
+    let mut registry = modules().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = registry.get(path).and_then(Weak::upgrade) {
+        return Ok(m);
+    }
     if !path.is_file() {
         return Err(Error::BackendUnavailable(format!(
             "PKCS#11 module {} does not exist",
@@ -748,12 +800,22 @@ fn load_module(path: &Path) -> Result<Pkcs11> {
         ))
     })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
-        Err(e) => Err(Error::BackendUnavailable(format!(
-            "initialising {}: {e}",
-            path.display()
-        ))),
+        // Already initialised: by a context outside this registry (another library in the
+        // process); share it rather than fail.
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(Error::BackendUnavailable(format!(
+                "initialising {}: {e}",
+                path.display()
+            )))
+        }
     }
+    let m = Arc::new(Module {
+        ctx,
+        path: path.to_path_buf(),
+    });
+    registry.insert(path.to_path_buf(), Arc::downgrade(&m));
+    Ok(m)
 }
 
 /// Find the configured token's slot by label or serial (slot numbers change, e.g. after init).
@@ -790,11 +852,12 @@ fn find_slot(ctx: &Pkcs11, cfg: &TokenConfig) -> Result<Slot> {
 
 /// Every token a module shows, for `keyward token list`.
 pub fn list_tokens(module: &Path) -> Result<Vec<TokenSummary>> {
-    let ctx = load_module(module)?;
+    let m = load_module(module)?;
+    let ctx = &m.ctx;
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| Error::BackendUnavailable(format!("listing slots: {e}")))?;
-    slots.into_iter().map(|s| summarize(&ctx, s)).collect()
+    slots.into_iter().map(|s| summarize(ctx, s)).collect()
 }
 
 fn summarize(ctx: &Pkcs11, slot: Slot) -> Result<TokenSummary> {
@@ -850,7 +913,8 @@ pub fn init_token(
     so_pin: &SecretBytes,
     user_pin: &SecretBytes,
 ) -> Result<TokenSummary> {
-    let ctx = load_module(module)?;
+    let m = load_module(module)?;
+    let ctx = &m.ctx;
     let slots = ctx
         .get_all_slots()
         .map_err(|e| Error::BackendUnavailable(format!("listing slots: {e}")))?;
@@ -871,7 +935,7 @@ pub fn init_token(
         sessions: 1,
         timeout_ms: 2000,
     };
-    let slot = find_slot(&ctx, &cfg)?;
+    let slot = find_slot(ctx, &cfg)?;
     let s = ctx
         .open_rw_session(slot)
         .map_err(|e| Error::BackendUnavailable(e.to_string()))?;
@@ -880,7 +944,7 @@ pub fn init_token(
     s.init_pin(&pin_of(user_pin)?)
         .map_err(|e| Error::BadPassphrase(format!("setting the user PIN: {e}")))?;
     s.logout().ok();
-    summarize(&ctx, slot)
+    summarize(ctx, slot)
 }
 
 fn pin_of(p: &SecretBytes) -> Result<AuthPin> {
