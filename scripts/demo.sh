@@ -108,6 +108,8 @@ cleanup() {
         tail -n 20 "$H/agent.log" >&2
     fi
     stop_agent
+    # The SoftHSM part's testenv agent, if the demo stopped half-way through it.
+    [ -f "$WORK/te/testenv.json" ] && "$KW" testenv down --dir "$WORK/te" >/dev/null 2>&1
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -295,6 +297,56 @@ stop_agent || fail "the agent did not stop on SIGTERM"
 say "agent stopped."
 if kwq status >/dev/null 2>&1; then
     fail "the agent still answers after SIGTERM"
+fi
+
+# ----------------------------------------------------------------------------------------------
+section "A key on a PKCS#11 token (SoftHSM): keyward testenv"
+# ----------------------------------------------------------------------------------------------
+SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+if [ "${KEYWARD_DEMO_SKIP_SOFTHSM:-0}" = 1 ] || [ ! -e "$SOFTHSM_MODULE" ]; then
+    say "skipped: no SoftHSM module at $SOFTHSM_MODULE (scripts/setup.sh installs softhsm2)"
+else
+    say "testenv makes a private SoftHSM token, a home and an agent in one directory; here it"
+    say "generates an Ed25519 key ON the token (non-extractable) from a small SPEC file."
+    TE_DIR="$WORK/te"
+    printf '[[keys]]\nname = "token-ed25519"\ntype = "ed25519"\n' >"$WORK/spec.toml"
+    indent <"$WORK/spec.toml"
+    say "$ eval \"\$(keyward testenv up --dir \$DEMO/te --keys spec.toml)\""
+    te_env=$(env -u KEYWARD_SOCK "$KW" testenv up --dir "$TE_DIR" --keys "$WORK/spec.toml") ||
+        fail "keyward testenv up failed"
+    printf '%s\n' "$te_env" | sed "s|$WORK|\$DEMO|g" | indent
+    # In a subshell: the testenv's variables must not leak into the soft demo's cleanup.
+    (
+        eval "$te_env"
+        te() {
+            show_cmd "$@"
+            "$KW" "$@"
+        }
+        te token list | indent
+        te key list | indent
+        MSG2="$WORK/order2.json"
+        printf '%s' '{"symbol":"ETH-USD","side":"sell","qty":"2","ts":1700000000001}' >"$MSG2"
+        TSIG=$(te sign --key token-ed25519 --file "$MSG2") || fail "signing on the token failed"
+        say "signature from the token (base64): $TSIG"
+        printf '%s' "$TSIG" | base64 -d >"$WORK/order2.sig"
+        "$KW" key export-public token-ed25519 --format pem >"$WORK/token.pub.pem"
+        say "$ openssl pkeyutl -verify -pubin -inkey token.pub.pem -rawin -in order2.json -sigfile order2.sig"
+        openssl pkeyutl -verify -pubin -inkey "$WORK/token.pub.pem" -rawin \
+            -in "$MSG2" -sigfile "$WORK/order2.sig" | indent ||
+            fail "openssl rejected the token's Ed25519 signature"
+        ok "openssl accepts the Ed25519 signature made on the SoftHSM token through the agent"
+        if command -v pkcs11-tool >/dev/null 2>&1; then
+            say "$ pkcs11-tool --module $SOFTHSM_MODULE --list-objects --type privkey  (the key is on the token)"
+            # The PIN of this throw-away token on argv is harmless; never do that with a real one.
+            pkcs11-tool --module "$SOFTHSM_MODULE" --token-label keyward-testenv --login \
+                --pin "$(cat "$TE_DIR/user-pin")" --list-objects --type privkey 2>/dev/null |
+                grep -E 'Private Key|label|Access' | indent || true
+        fi
+    ) || exit 1
+    say "$ keyward testenv down --dir \$DEMO/te"
+    "$KW" testenv down --dir "$TE_DIR" | sed "s|$WORK|\$DEMO|g" | indent
+    [ ! -e "$TE_DIR" ] || fail "testenv down left $TE_DIR behind"
+    ok "testenv down stopped its agent and removed the token, home and socket"
 fi
 
 printf '\n%sdemo complete: every signature verified: OK%s\n' "$G$B" "$N"

@@ -78,6 +78,20 @@ pub fn memory_locked() -> bool {
         .is_some_and(|kb| kb > 0)
 }
 
+/// Send signal `sig` to process `pid` (`testenv down`).
+pub fn send_signal(pid: u32, sig: i32) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if pid <= 0 {
+        // 0 and negative pids address process groups: never what a caller here means.
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Lock `len` bytes at `ptr` into RAM so they are never swapped out. Best effort: the caller
 /// decides what a failure (RLIMIT_MEMLOCK) means.
 pub fn mlock(ptr: *const u8, len: usize) -> bool {

@@ -524,7 +524,10 @@ impl Backend for Pkcs11Backend {
                 Attribute::Id(id.clone()),
             ];
             if t.is_hmac() {
-                let len = if t == KeyType::HmacSha256 { 32 } else { 64 };
+                // 64 bytes for both types: at least either digest's length (tokens refuse
+                // shorter HMAC-SHA512 keys) and no longer than SHA-256's block (so neither
+                // digest hashes the key first): one secret serves both schemes, as in soft.
+                let len: u64 = 64;
                 let mut tmpl = common_priv.clone();
                 tmpl.extend([
                     Attribute::Class(ObjectClass::SECRET_KEY),

@@ -7,6 +7,7 @@ mod bench;
 mod init;
 mod key;
 mod sign;
+mod testenv;
 mod token;
 
 use std::io::{IsTerminal, Write};
@@ -63,6 +64,9 @@ enum Command {
     Reload,
     /// Measure signing throughput and latency through the agent.
     Bench(bench::BenchArgs),
+    /// Start or stop a throw-away SoftHSM-backed agent for test suites.
+    #[command(subcommand)]
+    Testenv(testenv::TestenvCmd),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -174,6 +178,7 @@ pub fn main() -> ExitCode {
             Ok(home) => bench::run(&a, &home, ctx.json),
             Err(e) => Err(e),
         },
+        Command::Testenv(t) => testenv::run(&ctx, t),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
