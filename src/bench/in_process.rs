@@ -1,12 +1,15 @@
 //! In-process signing for the benchmark baseline: a key file loaded into the agent's own soft
 //! backend inside the bench process, so the baseline is exactly the `Backend::sign` the agent runs.
+//! For token keys, keyward's pkcs11 backend connected to the token from the bench process.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backend::material::{self, SecretKeyMaterial};
+use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::soft::SoftBackend;
 use crate::backend::{Backend, KeySpec, Signature};
 use crate::error::{Error, IoContext, Result};
@@ -18,7 +21,7 @@ const MAX_KEY_FILE: usize = 64 * 1024;
 
 /// A key loaded for signing in this process.
 pub struct InProcessKey {
-    backend: SoftBackend,
+    backend: Arc<dyn Backend>,
     key_ref: KeyRef,
     key_type: KeyType,
     fingerprint: String,
@@ -78,8 +81,25 @@ impl InProcessKey {
         backend.load(&new.key_ref, key_type)?;
         drop(dir);
         Ok(InProcessKey {
-            backend,
+            backend: Arc::new(backend),
             key_ref: new.key_ref,
+            key_type,
+            fingerprint,
+        })
+    }
+
+    /// A key on a token, signed through keyward's pkcs11 backend in this process (the same
+    /// `Backend::sign` the agent's workers call; `fingerprint` is what the agent reports).
+    pub fn on_token(
+        backend: Arc<Pkcs11Backend>,
+        key_ref: KeyRef,
+        key_type: KeyType,
+        fingerprint: String,
+    ) -> Result<InProcessKey> {
+        backend.probe(&key_ref, key_type)?;
+        Ok(InProcessKey {
+            backend,
+            key_ref,
             key_type,
             fingerprint,
         })

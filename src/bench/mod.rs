@@ -1,26 +1,30 @@
-//! `keyward bench`'s measurement: sign round trips through the agent's socket, in-process, and
-//! through OpenSSH's ssh-agent with the same loop; latencies and throughput, no printing.
+//! `keyward bench`'s measurement: sign round trips through the agent's socket, in-process,
+//! through OpenSSH's ssh-agent and, for token keys, raw cryptoki calls on the same token, all with
+//! the same loop; latencies and throughput, no printing.
 
 pub mod in_process;
 pub mod machine;
+pub mod raw_pkcs11;
 pub mod report;
 pub mod ssh_agent;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::pkcs11::Pkcs11Backend;
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::model::{Algorithm, KeyName, KeyType};
+use crate::model::{Algorithm, KeyName, KeyRef, KeyType};
 
 pub use in_process::InProcessKey;
 pub use machine::Machine;
+pub use raw_pkcs11::RawToken;
 pub use report::Report;
 pub use stats::Stats;
 
@@ -35,7 +39,10 @@ const PROGRESS_BATCH: u64 = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Target {
-    /// The agent's soft backend called directly in the bench process (the baseline).
+    /// C_Sign through `cryptoki` straight on the token, one session per thread (token keys).
+    RawPkcs11,
+    /// The agent's backend called directly in the bench process (the baseline): the soft
+    /// backend with the key file, or the pkcs11 backend connected to the token.
     InProcess,
     /// The keyward agent over its socket.
     Keyward,
@@ -44,10 +51,16 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::InProcess, Target::Keyward, Target::SshAgent];
+    pub const ALL: [Target; 4] = [
+        Target::RawPkcs11,
+        Target::InProcess,
+        Target::Keyward,
+        Target::SshAgent,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
+            Target::RawPkcs11 => "raw cryptoki",
             Target::InProcess => "in-process",
             Target::Keyward => "keyward socket",
             Target::SshAgent => "ssh-agent",
@@ -85,10 +98,76 @@ enum ClientFailure {
     Aborted,
 }
 
+/// Every latency (ns) of one or more runs of a case and their summed wall time, so runs of the
+/// same case in several rounds fold into one set of statistics.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    pub latencies: Vec<u64>,
+    pub elapsed: Duration,
+    /// CPU time (user + system) the agent process and this process spent during the runs.
+    pub agent_cpu: Option<Duration>,
+    pub own_cpu: Option<Duration>,
+}
+
+impl Samples {
+    pub fn extend(&mut self, other: Samples) {
+        self.latencies.extend_from_slice(&other.latencies);
+        self.elapsed += other.elapsed;
+        let add = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(a + b),
+            (x, None) | (None, x) => x,
+        };
+        self.agent_cpu = add(self.agent_cpu, other.agent_cpu);
+        self.own_cpu = add(self.own_cpu, other.own_cpu);
+    }
+
+    pub fn stats(&mut self) -> Stats {
+        Stats::from_latencies(&mut self.latencies, self.elapsed)
+    }
+
+    /// CPU µs per request: (agent, this process).
+    pub fn cpu_per_request_us(&self) -> (Option<f64>, Option<f64>) {
+        let n = self.latencies.len() as f64;
+        let per = |d: Option<Duration>| d.filter(|_| n > 0.0).map(|d| d.as_secs_f64() * 1e6 / n);
+        (per(self.agent_cpu), per(self.own_cpu))
+    }
+}
+
+/// User + system CPU time of a process from /proc (`None` where unreadable). Resolution is
+/// the clock tick (10 ms); a case of thousands of requests over seconds makes that negligible.
+pub fn process_cpu(pid: Option<u32>) -> Option<Duration> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // /proc reports clock ticks of USER_HZ, which is 100 on every Linux architecture.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
 /// Run `clients` threads, each with its own signer from `make(i)`, signing sequentially until
 /// `limit`; every request's latency is recorded. `progress` counts completed requests (batched).
 /// The first error from any client stops the case and is returned.
 pub fn drive<S, F>(clients: usize, limit: Limit, make: F, progress: &AtomicU64) -> Result<Stats>
+where
+    F: Fn(usize) -> Result<S> + Sync,
+    S: FnMut(&[u8]) -> Result<()>,
+{
+    drive_samples(clients, limit, make, progress).map(|mut s| s.stats())
+}
+
+/// [`drive`], returning the latencies instead of their statistics.
+pub fn drive_samples<S, F>(
+    clients: usize,
+    limit: Limit,
+    make: F,
+    progress: &AtomicU64,
+) -> Result<Samples>
 where
     F: Fn(usize) -> Result<S> + Sync,
     S: FnMut(&[u8]) -> Result<()>,
@@ -142,7 +221,12 @@ where
         (Some(f), Some(l)) => l.duration_since(f),
         _ => Duration::ZERO,
     };
-    Ok(Stats::from_latencies(&mut all, elapsed))
+    Ok(Samples {
+        latencies: all,
+        elapsed,
+        agent_cpu: None,
+        own_cpu: None,
+    })
 }
 
 fn one_client<S, F>(
@@ -236,11 +320,29 @@ pub struct BenchKey {
     pub fingerprint: String,
     pub in_process: Option<InProcessKey>,
     pub ssh: Option<SshIdentity>,
+    pub raw: Option<RawKey>,
+}
+
+/// A token key for the raw cryptoki path: the token and the key's CKA_ID.
+#[derive(Clone)]
+pub struct RawKey {
+    pub token: Arc<RawToken>,
+    pub id: Vec<u8>,
+}
+
+/// Token keys to benchmark against raw cryptoki calls, found by the caller in the home's
+/// key metadata (the CKA_ID is the hex after `:` in a pkcs11 locator).
+pub struct TokenKeys {
+    pub raw: Arc<RawToken>,
+    /// keyward's pkcs11 backend connected from this process, for the in-process path.
+    pub backend: Option<Arc<Pkcs11Backend>>,
+    pub keys: Vec<(KeyName, KeyRef, Vec<u8>)>,
 }
 
 impl BenchKey {
     pub fn has(&self, t: Target) -> bool {
         match t {
+            Target::RawPkcs11 => self.raw.is_some(),
             Target::Keyward => true,
             Target::InProcess => self.in_process.is_some(),
             Target::SshAgent => self.ssh.is_some(),
@@ -278,6 +380,10 @@ pub struct PlanOptions<'a> {
     pub in_process: &'a [(KeyName, PathBuf)],
     /// An ssh-agent socket to compare against.
     pub ssh_agent: Option<&'a Path>,
+    /// Token keys to also sign with raw cryptoki calls (and keyward's backend in-process).
+    pub tokens: &'a [TokenKeys],
+    /// Signature scheme per key instead of the key type's default.
+    pub schemes: &'a [(KeyName, Algorithm)],
 }
 
 /// Ask the agent which keys to use, load in-process keys, match ssh-agent identities, and
@@ -325,6 +431,13 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
             )));
         }
     }
+    for (name, _) in opts.schemes {
+        if !selected.iter().any(|k| k.name == name.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "--scheme names key `{name}`, which is not being benchmarked"
+            )));
+        }
+    }
 
     let mut ssh = match opts.ssh_agent {
         Some(p) => {
@@ -340,7 +453,25 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
     for info in selected {
         let name = KeyName::new(&info.name)?;
         let key_type: KeyType = info.key_type.parse()?;
-        let scheme = key_type.default_algorithm();
+        let scheme = match opts.schemes.iter().find(|(n, _)| *n == name) {
+            Some((_, s)) if key_type.supports(*s) => *s,
+            Some((_, s)) => {
+                return Err(Error::BadRequest(format!(
+                    "--scheme {s} does not fit key `{name}` ({key_type})"
+                )))
+            }
+            None => key_type.default_algorithm(),
+        };
+        let on_token = opts.tokens.iter().find_map(|t| {
+            t.keys
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, r, id)| (t, r, id))
+        });
+        let raw = on_token.map(|(t, _, id)| RawKey {
+            token: t.raw.clone(),
+            id: id.clone(),
+        });
         let in_process = match opts.in_process.iter().find(|(n, _)| *n == name) {
             Some((_, path)) => {
                 let k = InProcessKey::load(path, key_type)?;
@@ -354,7 +485,21 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
                 }
                 Some(k)
             }
-            None => None,
+            None => match on_token {
+                Some((
+                    TokenKeys {
+                        backend: Some(b), ..
+                    },
+                    key_ref,
+                    _,
+                )) => Some(InProcessKey::on_token(
+                    b.clone(),
+                    key_ref.clone(),
+                    key_type,
+                    info.fingerprint.clone(),
+                )?),
+                _ => None,
+            },
         };
         let public_raw =
             if key_type.is_hmac() {
@@ -406,11 +551,24 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
                     "`{name}`: the in-process signature does not match the agent's key"
                 )));
             }
-            done.push(if public_raw.is_some() {
-                "the in-process key file has the same fingerprint and its signature verifies"
-            } else {
-                "the in-process secret has the same fingerprint and gives the same tag"
+            done.push(match (&public_raw, on_token.is_some()) {
+                (Some(_), true) => "keyward's pkcs11 backend in this process signs with the same token key, verified",
+                (Some(_), false) => "the in-process key file has the same fingerprint and its signature verifies",
+                (None, _) => "the in-process secret has the same fingerprint and gives the same tag",
             });
+        }
+        if let Some(r) = &raw {
+            let rs = r.token.signer(&r.id, scheme)?.sign(msg)?;
+            let ok = match &public_raw {
+                Some(raw) => verify(scheme, raw, msg, &rs)?,
+                None => rs == ks,
+            };
+            if !ok {
+                return Err(Error::Internal(format!(
+                    "`{name}`: the raw cryptoki signature does not match the agent's key"
+                )));
+            }
+            done.push("a raw C_Sign on the token object with this CKA_ID verifies with the agent's public key");
         }
         if let (Some(id), Some((a, _))) = (&matched, ssh.as_mut()) {
             let (_, ss) = a.sign_blob(&id.blob, msg, id.flags)?;
@@ -440,6 +598,7 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
             fingerprint: info.fingerprint,
             in_process,
             ssh: matched,
+            raw,
         });
     }
     Ok(Plan {
@@ -545,10 +704,17 @@ pub struct CaseResult {
     pub clients: usize,
     #[serde(flatten)]
     pub stats: Stats,
+    /// CPU time per request of the agent process (keyward socket cases, when readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_us: Option<f64>,
+    /// CPU time per request of the bench process (clients, or the in-process/raw signing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cpu_us: Option<f64>,
 }
 
 impl Plan {
-    /// Every case, grouped by key: in-process, keyward, ssh-agent, each at every client count.
+    /// Every case, grouped by key: raw cryptoki, in-process, keyward, ssh-agent, each at every
+    /// client count.
     pub fn cases(&self, clients: &[usize]) -> Vec<Case> {
         let mut out = Vec::new();
         for (i, k) in self.keys.iter().enumerate() {
@@ -569,13 +735,54 @@ impl Plan {
 
     /// Measure one case.
     pub fn run(&self, case: &Case, limit: Limit, progress: &AtomicU64) -> Result<CaseResult> {
+        let mut s = self.sample(case, limit, progress)?;
+        self.result(case, &mut s)
+    }
+
+    /// A case's result from its (possibly several rounds of) samples.
+    pub fn result(&self, case: &Case, samples: &mut Samples) -> Result<CaseResult> {
+        let k = self
+            .keys
+            .get(case.key)
+            .ok_or_else(|| Error::Internal("case names no key of the plan".into()))?;
+        let (agent_cpu_us, client_cpu_us) = samples.cpu_per_request_us();
+        Ok(CaseResult {
+            key: k.name.to_string(),
+            key_type: k.key_type.to_string(),
+            scheme: k.scheme.to_string(),
+            target: case.target,
+            clients: case.clients,
+            stats: samples.stats(),
+            agent_cpu_us: agent_cpu_us.filter(|_| case.target == Target::Keyward),
+            client_cpu_us,
+        })
+    }
+
+    /// Run one case once and return its latencies and CPU use.
+    pub fn sample(&self, case: &Case, limit: Limit, progress: &AtomicU64) -> Result<Samples> {
+        let agent_pid = self.agent.as_ref().map(|a| a.pid);
+        let (a0, o0) = (
+            agent_pid.and_then(|p| process_cpu(Some(p))),
+            process_cpu(None),
+        );
+        let mut s = self.sample_inner(case, limit, progress)?;
+        let (a1, o1) = (
+            agent_pid.and_then(|p| process_cpu(Some(p))),
+            process_cpu(None),
+        );
+        s.agent_cpu = a0.zip(a1).map(|(a, b)| b.saturating_sub(a));
+        s.own_cpu = o0.zip(o1).map(|(a, b)| b.saturating_sub(a));
+        Ok(s)
+    }
+
+    fn sample_inner(&self, case: &Case, limit: Limit, progress: &AtomicU64) -> Result<Samples> {
         let k = self
             .keys
             .get(case.key)
             .ok_or_else(|| Error::Internal("case names no key of the plan".into()))?;
         let scheme = k.scheme;
-        let stats = match case.target {
-            Target::Keyward => drive(
+        let samples = match case.target {
+            Target::Keyward => drive_samples(
                 case.clients,
                 limit,
                 |_| {
@@ -586,12 +793,28 @@ impl Plan {
                 },
                 progress,
             )?,
+            Target::RawPkcs11 => {
+                let r = k
+                    .raw
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("no raw PKCS#11 key".into()))?;
+                drive_samples(
+                    case.clients,
+                    limit,
+                    |_| {
+                        // Each client thread opens its own session (sessions are not shared).
+                        let mut signer = r.token.signer(&r.id, scheme)?;
+                        Ok(move |msg: &[u8]| signer.sign(msg).map(|_| ()))
+                    },
+                    progress,
+                )?
+            }
             Target::InProcess => {
                 let ip = k
                     .in_process
                     .as_ref()
                     .ok_or_else(|| Error::Internal("no in-process key".into()))?;
-                drive(
+                drive_samples(
                     case.clients,
                     limit,
                     |_| Ok(move |msg: &[u8]| ip.sign(scheme, msg).map(|_| ())),
@@ -604,7 +827,7 @@ impl Plan {
                     .as_ref()
                     .zip(self.ssh_agent.as_deref())
                     .ok_or_else(|| Error::Internal("no ssh-agent identity".into()))?;
-                drive(
+                drive_samples(
                     case.clients,
                     limit,
                     |_| {
@@ -615,14 +838,7 @@ impl Plan {
                 )?
             }
         };
-        Ok(CaseResult {
-            key: k.name.to_string(),
-            key_type: k.key_type.to_string(),
-            scheme: scheme.to_string(),
-            target: case.target,
-            clients: case.clients,
-            stats,
-        })
+        Ok(samples)
     }
 }
 

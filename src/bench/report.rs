@@ -13,6 +13,8 @@ pub const TARGET_OVERHEAD_P50_US: f64 = 30.0;
 pub const TARGET_OVERHEAD_P99_US: f64 = 150.0;
 /// Target: keyward ops/s ÷ ssh-agent ops/s, Ed25519, four clients.
 pub const TARGET_VS_SSH_AGENT: f64 = 2.0;
+/// Target (issue 4): keyward ops/s ÷ raw cryptoki ops/s on the same token, equal concurrency.
+pub const TARGET_VS_RAW: f64 = 0.9;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KeySummary {
@@ -22,6 +24,8 @@ pub struct KeySummary {
     pub fingerprint: String,
     pub in_process: bool,
     pub ssh_agent: bool,
+    #[serde(default)]
+    pub raw_pkcs11: bool,
 }
 
 /// keyward against the other two paths, for one key at one concurrency.
@@ -37,6 +41,12 @@ pub struct Comparison {
     pub overhead_p50_us: Option<f64>,
     /// keyward p99 − in-process p99 (µs).
     pub overhead_p99_us: Option<f64>,
+    /// Raw cryptoki ops/s on the same token at the same concurrency.
+    #[serde(default)]
+    pub raw_ops_per_sec: Option<f64>,
+    /// keyward ops/s ÷ raw cryptoki ops/s.
+    #[serde(default)]
+    pub vs_raw: Option<f64>,
 }
 
 /// One performance target and whether this run met it (`None`: not measured in this run).
@@ -47,6 +57,10 @@ pub struct TargetCheck {
     pub met: Option<bool>,
 }
 
+fn one() -> u32 {
+    1
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub keyward_version: String,
@@ -55,6 +69,9 @@ pub struct Report {
     pub machine: Machine,
     pub agent: Option<AgentInfo>,
     pub limit: String,
+    /// Slices each case was split into, run round-robin with the other cases.
+    #[serde(default = "one")]
+    pub rounds: u32,
     pub message_bytes: usize,
     pub warmup_ms: u64,
     pub clients: Vec<usize>,
@@ -90,6 +107,7 @@ impl Report {
                 fingerprint: k.fingerprint.clone(),
                 in_process: k.in_process.is_some(),
                 ssh_agent: k.ssh.is_some(),
+                raw_pkcs11: k.raw.is_some(),
             })
             .collect::<Vec<_>>();
         let comparisons = comparisons(&keys, clients, &results);
@@ -108,6 +126,7 @@ impl Report {
             machine,
             agent: plan.agent.clone(),
             limit: limit.describe(),
+            rounds: 1,
             message_bytes: MESSAGE_LEN,
             warmup_ms: WARMUP.as_millis() as u64,
             clients: clients.to_vec(),
@@ -152,6 +171,7 @@ pub fn comparisons(
             };
             let ssh = find(results, &k.name, Target::SshAgent, c);
             let ip = find(results, &k.name, Target::InProcess, c);
+            let raw = find(results, &k.name, Target::RawPkcs11, c);
             out.push(Comparison {
                 key: k.name.clone(),
                 key_type: k.key_type.clone(),
@@ -162,6 +182,10 @@ pub fn comparisons(
                     .map(|s| kw.stats.ops_per_sec / s.stats.ops_per_sec),
                 overhead_p50_us: ip.map(|i| kw.stats.p50_us - i.stats.p50_us),
                 overhead_p99_us: ip.map(|i| kw.stats.p99_us - i.stats.p99_us),
+                raw_ops_per_sec: raw.map(|r| r.stats.ops_per_sec),
+                vs_raw: raw
+                    .filter(|r| r.stats.ops_per_sec > 0.0)
+                    .map(|r| kw.stats.ops_per_sec / r.stats.ops_per_sec),
             });
         }
     }
@@ -225,6 +249,27 @@ pub fn targets(comparisons: &[Comparison]) -> Vec<TargetCheck> {
         }),
         met: lowest.map(|(v, _)| v >= TARGET_VS_SSH_AGENT),
     });
+    // Only runs with token keys measure this one; soft-only runs do not list it.
+    let lowest_raw = comparisons
+        .iter()
+        .filter_map(|c| c.vs_raw.map(|v| (v, c)))
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((v, c)) = lowest_raw {
+        out.push(TargetCheck {
+            target: format!(
+                "keyward ≥ {:.0}% of raw cryptoki ops/s on the same token at equal concurrency (every token key and client count)",
+                TARGET_VS_RAW * 100.0
+            ),
+            measured: format!(
+                "lowest {:.1}% ({}, {} client{})",
+                v * 100.0,
+                c.key_type,
+                c.clients,
+                if c.clients == 1 { "" } else { "s" }
+            ),
+            met: Some(v >= TARGET_VS_RAW),
+        });
+    }
     out
 }
 
@@ -381,11 +426,7 @@ pub fn markdown(r: &Report) -> String {
          percentiles over every request of the case.",
         r.message_bytes
     );
-    let _ = writeln!(
-        w,
-        "- Each case runs for {} after a {} ms warm-up per client that is not counted.",
-        r.limit, r.warmup_ms
-    );
+    let _ = writeln!(w, "- {}", duration_text(r));
     let _ = writeln!(
         w,
         "- **keyward socket**: the blocking `keyward::client::Client` (JSON frames) against the running agent, \
@@ -495,6 +536,27 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
+fn duration_text(r: &Report) -> String {
+    if r.rounds > 1 {
+        format!(
+            "Each case runs for {} in total, as {} slices run round-robin with the other cases \
+             (case 1, 2, …, then again), so the paths compared share the machine's background \
+             noise; every slice starts with a {} ms warm-up per client that is not counted, and a \
+             case's statistics cover all its slices.",
+            r.limit, r.rounds, r.warmup_ms
+        )
+    } else {
+        format!(
+            "Each case runs for {} after a {} ms warm-up per client that is not counted.",
+            r.limit, r.warmup_ms
+        )
+    }
+}
+
+fn cpu(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{v:.0}"))
+}
+
 /// A compact extra section for an existing report (a second, differently configured run):
 /// a heading, an explanatory note, one table of every case, and the overheads.
 pub fn section(r: &Report, title: &str, note: &str) -> String {
@@ -512,18 +574,80 @@ pub fn section(r: &Report, title: &str, note: &str) -> String {
             fmt_us(f.p99_us)
         );
     }
-    let _ = writeln!(
-        w,
-        "| key type | path | clients | ops/s | p50 (µs) | p99 (µs) |"
-    );
-    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
+    let raw: Vec<&Comparison> = r
+        .comparisons
+        .iter()
+        .filter(|c| c.vs_raw.is_some())
+        .collect();
+    if !raw.is_empty() {
+        let _ = writeln!(w, "| target | this run | verdict |");
+        let _ = writeln!(w, "|---|---|---|");
+        for t in r.targets.iter().filter(|t| t.met.is_some()) {
+            let _ = writeln!(w, "| {} | {} | {} |", t.target, t.measured, verdict(t.met));
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "| key type | scheme | clients | raw cryptoki ops/s | keyward ops/s | keyward ÷ raw | raw p50 / p99 (µs) | keyward p50 / p99 (µs) | ≥ {:.0}% |",
+            TARGET_VS_RAW * 100.0
+        );
+        let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|---|");
+        for c in raw {
+            let (Some(rr), Some(kw)) = (
+                r.find(&c.key, Target::RawPkcs11, c.clients),
+                r.find(&c.key, Target::Keyward, c.clients),
+            ) else {
+                continue;
+            };
+            let v = c.vs_raw.unwrap_or(0.0);
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {:.1}% | {} / {} | {} / {} | {} |",
+                c.key_type,
+                kw.scheme,
+                c.clients,
+                fmt_ops(rr.stats.ops_per_sec),
+                fmt_ops(kw.stats.ops_per_sec),
+                v * 100.0,
+                fmt_us(rr.stats.p50_us),
+                fmt_us(rr.stats.p99_us),
+                fmt_us(kw.stats.p50_us),
+                fmt_us(kw.stats.p99_us),
+                if v >= TARGET_VS_RAW {
+                    "met"
+                } else {
+                    "**not met**"
+                }
+            );
+        }
+        let _ = writeln!(w);
+    }
+    let with_cpu = r.results.iter().any(|x| x.client_cpu_us.is_some());
+    if with_cpu {
+        let _ = writeln!(
+            w,
+            "| key type | path | clients | ops/s | p50 (µs) | p99 (µs) | bench-process CPU µs/op | agent CPU µs/op |"
+        );
+        let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|");
+    } else {
+        let _ = writeln!(
+            w,
+            "| key type | path | clients | ops/s | p50 (µs) | p99 (µs) |"
+        );
+        let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
+    }
     for k in &r.keys {
         for t in Target::ALL {
             for &c in &r.clients {
                 if let Some(x) = r.find(&k.name, t, c) {
+                    let extra = if with_cpu {
+                        format!(" {} | {} |", cpu(x.client_cpu_us), cpu(x.agent_cpu_us))
+                    } else {
+                        String::new()
+                    };
                     let _ = writeln!(
                         w,
-                        "| {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} |{extra}",
                         k.key_type,
                         t.label(),
                         c,
@@ -550,6 +674,30 @@ pub fn section(r: &Report, title: &str, note: &str) -> String {
         }
     }
     let _ = writeln!(w);
+    if r.comparisons.iter().any(|c| c.vs_raw.is_some()) {
+        let _ = writeln!(w, "Run details:\n");
+        let _ = writeln!(w, "- {}", duration_text(r));
+        if let Some(l) = r.machine.load_1m {
+            let _ = writeln!(w, "- Load average (1 min) when this run started: {l:.2}");
+        }
+        if let Some(a) = &r.agent {
+            let _ = writeln!(
+                w,
+                "- Agent {} with {} signing worker{} (backends: {})",
+                a.agent_version,
+                a.workers,
+                if a.workers == 1 { "" } else { "s" },
+                a.backends.join(", ")
+            );
+        }
+        for c in &r.checks {
+            let _ = writeln!(w, "- Check: {c}");
+        }
+        for n in &r.notes {
+            let _ = writeln!(w, "- Note: {n}");
+        }
+        let _ = writeln!(w);
+    }
     s
 }
 
@@ -586,6 +734,8 @@ mod tests {
                 min_us: p50 / 2.0,
                 max_us: p50 * 10.0,
             },
+            agent_cpu_us: None,
+            client_cpu_us: None,
         }
     }
 
@@ -597,6 +747,7 @@ mod tests {
             fingerprint: "SHA256:x".into(),
             in_process: true,
             ssh_agent: ssh,
+            raw_pkcs11: false,
         }
     }
 
@@ -652,6 +803,7 @@ mod tests {
             },
             agent: None,
             limit: Limit::Duration(std::time::Duration::from_secs(5)).describe(),
+            rounds: 1,
             message_bytes: 100,
             warmup_ms: 200,
             clients: vec![1],

@@ -1,15 +1,23 @@
-//! `keyward bench`: measure signing through the running agent, in-process and through an
-//! ssh-agent with the same loop; prints tables (or JSON) and can write docs/benchmarks.md.
+//! `keyward bench`: measure signing through the running agent, in-process, through an
+//! ssh-agent and (token keys) with raw cryptoki calls, all with the same loop; prints tables (or
+//! JSON) and can write docs/benchmarks.md.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use keyward::bench::{self, report, CaseResult, Limit, Machine, Plan, PlanOptions, Report, Target};
+use keyward::backend::pkcs11::Pkcs11Backend;
+use keyward::bench::raw_pkcs11::{self, RawToken};
+use keyward::bench::{
+    self, report, CaseResult, Limit, Machine, Plan, PlanOptions, Report, Target, TokenKeys,
+};
 use keyward::config::Config;
 use keyward::home::Home;
-use keyward::model::KeyName;
+use keyward::keystore::Keystore;
+use keyward::model::{Algorithm, BackendKind, KeyName};
+use keyward::secret::SecretSource;
 use keyward::{Error, Result};
 
 #[derive(clap::Args)]
@@ -24,6 +32,11 @@ pub struct BenchArgs {
     /// Seconds each case runs (after a 200 ms warm-up).
     #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     duration: f64,
+    /// Split every case into N slices and run them round-robin (case 1, 2, …, 1, 2, …), so
+    /// the paths compared share the machine's background noise; a case's statistics cover all
+    /// its slices. --duration/--requests is the total per case.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    rounds: u32,
     /// Requests per client per case, instead of --duration.
     #[arg(long, value_name = "N", conflicts_with = "duration")]
     requests: Option<u64>,
@@ -34,6 +47,16 @@ pub struct BenchArgs {
     /// overhead); repeatable. The file must hold the same key the agent holds.
     #[arg(long = "in-process", value_name = "KEY=PATH", value_parser = parse_in_process)]
     in_process: Vec<(KeyName, PathBuf)>,
+    /// For the keys on token ALIAS (`[pkcs11.ALIAS]` in keyward.toml, PIN from its source):
+    /// also sign with raw cryptoki calls on the same token (one session per thread, the
+    /// mechanism keyward uses) and with keyward's pkcs11 backend in this process. Repeatable.
+    /// The module reads its environment (e.g. SOFTHSM2_CONF) as the agent's does.
+    #[arg(long = "raw-pkcs11", value_name = "ALIAS")]
+    raw_pkcs11: Vec<String>,
+    /// Sign KEY with SCHEME instead of the key type's default (e.g.
+    /// `--scheme rsa=rsa-pss-sha256`); repeatable.
+    #[arg(long = "scheme", value_name = "KEY=SCHEME", value_parser = parse_scheme)]
+    schemes: Vec<(KeyName, Algorithm)>,
     /// Write a markdown report (the format of docs/benchmarks.md) to PATH.
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
@@ -60,6 +83,60 @@ fn parse_in_process(s: &str) -> std::result::Result<(KeyName, PathBuf), String> 
     Ok((name, PathBuf::from(path)))
 }
 
+fn parse_scheme(s: &str) -> std::result::Result<(KeyName, Algorithm), String> {
+    let (name, scheme) = s
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=SCHEME".to_string())?;
+    let name = KeyName::new(name).map_err(|e| e.to_string())?;
+    let alg = scheme.parse::<Algorithm>().map_err(|e| e.to_string())?;
+    Ok((name, alg))
+}
+
+/// Open every `--raw-pkcs11` token twice — raw, and as keyward's backend — and list its keys.
+fn token_keys(home: &Home, aliases: &[String]) -> Result<Vec<TokenKeys>> {
+    if aliases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let config = Config::load(&home.config_path())?;
+    let metas = Keystore::new(home).list()?;
+    let mut out = Vec::new();
+    for alias in aliases {
+        let cfg = config.pkcs11.get(alias).cloned().ok_or_else(|| {
+            Error::Config(format!(
+                "--raw-pkcs11 {alias}: no [pkcs11.{alias}] section in {}",
+                home.config_path().display()
+            ))
+        })?;
+        let pin = cfg
+            .pin
+            .parse::<SecretSource>()?
+            .read(&format!("PIN of token {alias}"))?;
+        let raw = Arc::new(RawToken::open(alias, &cfg, &pin)?);
+        let backend = Arc::new(Pkcs11Backend::connect(alias, cfg, pin)?);
+        let mut keys = Vec::new();
+        for m in &metas {
+            if m.backend != BackendKind::Pkcs11 {
+                continue;
+            }
+            let v = m.current_version()?;
+            if let Some(id) = raw_pkcs11::id_in_locator(&v.locator, alias) {
+                keys.push((m.name.clone(), m.key_ref(v), id));
+            }
+        }
+        if keys.is_empty() {
+            return Err(Error::UnknownKey(format!(
+                "--raw-pkcs11 {alias}: no key of this home lives on token `{alias}`"
+            )));
+        }
+        out.push(TokenKeys {
+            raw,
+            backend: Some(backend),
+            keys,
+        });
+    }
+    Ok(out)
+}
+
 const MAX_CLIENTS: usize = 256;
 const MAX_DURATION_S: f64 = 3600.0;
 
@@ -67,12 +144,14 @@ impl BenchArgs {
     fn limit(&self) -> Result<Limit> {
         match self.requests {
             Some(0) => Err(Error::BadRequest("--requests must be at least 1".into())),
-            Some(n) => Ok(Limit::Requests(n)),
+            Some(n) => Ok(Limit::Requests(n.div_ceil(u64::from(self.rounds.max(1))))),
             None if self.duration.is_finite()
                 && self.duration > 0.0
                 && self.duration <= MAX_DURATION_S =>
             {
-                Ok(Limit::Duration(Duration::from_secs_f64(self.duration)))
+                Ok(Limit::Duration(Duration::from_secs_f64(
+                    self.duration / f64::from(self.rounds.max(1)),
+                )))
             }
             None => Err(Error::BadRequest(format!(
                 "--duration must be between 0 and {MAX_DURATION_S} seconds"
@@ -102,6 +181,9 @@ impl BenchArgs {
 }
 
 pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
+    if args.rounds == 0 || args.rounds > 100 {
+        return Err(Error::BadRequest("--rounds must be 1..=100".into()));
+    }
     let limit = args.limit()?;
     let clients = args.client_counts()?;
     // Read the machine (load average) before the benchmark itself loads it.
@@ -110,11 +192,14 @@ pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
         .ok()
         .and_then(|c| c.agent.socket);
     let socket = keyward::proto::socket_path(configured.as_deref(), home.root());
+    let tokens = token_keys(home, &args.raw_pkcs11)?;
     let plan = bench::plan(&PlanOptions {
         socket: &socket,
         keys: &args.keys,
         in_process: &args.in_process,
         ssh_agent: args.ssh_agent.as_deref(),
+        tokens: &tokens,
+        schemes: &args.schemes,
     })?;
     let cases = plan.cases(&clients);
     let floor = bench::socket_floor(limit, &AtomicU64::new(0))?;
@@ -127,25 +212,32 @@ pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
             report::fmt_us(floor.p99_us)
         );
     }
-    let results = run_cases(&plan, &cases, limit, json)?;
+    let results = run_cases(&plan, &cases, limit, args.rounds, json)?;
     let command = args.report_command.clone().or_else(|| {
         let argv: Vec<String> = std::env::args().skip(1).collect();
         Some(format!("keyward {}", argv.join(" ")))
     });
-    let rep = Report::new(
+    let total = match (limit, args.requests) {
+        (Limit::Duration(_), _) => Limit::Duration(Duration::from_secs_f64(args.duration)),
+        (_, Some(n)) => Limit::Requests(n),
+        (l, None) => l,
+    };
+    let mut rep = Report::new(
         &plan,
         machine,
-        limit,
+        total,
         &clients,
         results,
         Some(floor),
         command,
     );
+    rep.rounds = args.rounds;
 
     if let Some(path) = &args.report {
         let written = match &args.append_section {
             Some(title) => std::fs::OpenOptions::new()
                 .append(true)
+                .create(true)
                 .open(path)
                 .and_then(|mut f| {
                     f.write_all(
@@ -172,16 +264,19 @@ fn case_label(plan: &Plan, c: &bench::Case) -> String {
     format!("{} {} ×{}", k.key_type, c.target.label(), c.clients)
 }
 
-/// Run every case; progress on a terminal (indicatif), else one line per case on stderr
-/// (not with --json, whose consumers read stdout only).
+/// Run every case (`rounds` times, round-robin, folding each case's slices together);
+/// progress on a terminal (indicatif), else one line per case on stderr (not with --json,
+/// whose consumers read stdout only).
 fn run_cases(
     plan: &Plan,
     cases: &[bench::Case],
     limit: Limit,
+    rounds: u32,
     json: bool,
 ) -> Result<Vec<CaseResult>> {
+    let steps = cases.len() as u64 * u64::from(rounds);
     let bar = super::is_tty().then(|| {
-        let pb = indicatif::ProgressBar::new(cases.len() as u64);
+        let pb = indicatif::ProgressBar::new(steps);
         pb.set_style(
             indicatif::ProgressStyle::with_template("{spinner} [{bar:20}] {pos}/{len} {wide_msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -190,60 +285,73 @@ fn run_cases(
         pb.enable_steady_tick(Duration::from_millis(120));
         pb
     });
-    let mut results = Vec::with_capacity(cases.len());
-    for (i, case) in cases.iter().enumerate() {
-        let label = case_label(plan, case);
-        let progress = AtomicU64::new(0);
-        let r = std::thread::scope(|s| {
-            let h = s.spawn(|| plan.run(case, limit, &progress));
-            while !h.is_finished() {
+    let mut samples: Vec<bench::Samples> = vec![bench::Samples::default(); cases.len()];
+    for round in 1..=rounds {
+        for (i, case) in cases.iter().enumerate() {
+            let label = case_label(plan, case);
+            let progress = AtomicU64::new(0);
+            let r = std::thread::scope(|s| {
+                let h = s.spawn(|| plan.sample(case, limit, &progress));
+                while !h.is_finished() {
+                    if let Some(pb) = &bar {
+                        pb.set_message(format!(
+                            "{label}: {} req",
+                            report::fmt_ops(progress.load(Ordering::Relaxed) as f64)
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("benchmark thread panicked".into())))
+            });
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(pb) = &bar {
+                        pb.abandon();
+                    }
+                    if !json {
+                        let _ = writeln!(std::io::stderr(), "benchmark case {label} failed");
+                    }
+                    return Err(e);
+                }
+            };
+            samples[i].extend(r);
+            if round < rounds {
                 if let Some(pb) = &bar {
-                    pb.set_message(format!(
-                        "{label}: {} req",
-                        report::fmt_ops(progress.load(Ordering::Relaxed) as f64)
-                    ));
+                    pb.inc(1);
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
-            h.join()
-                .unwrap_or_else(|_| Err(Error::Internal("benchmark thread panicked".into())))
-        });
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(pb) = &bar {
-                    pb.abandon();
+            let res = plan.result(case, &mut samples[i])?;
+            let line = format!(
+                "[{}/{}] {label}: {} ops/s, p50 {} µs, p99 {} µs",
+                i + 1,
+                cases.len(),
+                report::fmt_ops(res.stats.ops_per_sec),
+                report::fmt_us(res.stats.p50_us),
+                report::fmt_us(res.stats.p99_us)
+            );
+            match &bar {
+                Some(pb) => {
+                    pb.println(line);
+                    pb.inc(1);
                 }
-                if !json {
-                    let _ = writeln!(std::io::stderr(), "benchmark case {label} failed");
+                None if !json => {
+                    let _ = writeln!(std::io::stderr(), "{line}");
                 }
-                return Err(e);
+                None => {}
             }
-        };
-        let line = format!(
-            "[{}/{}] {label}: {} ops/s, p50 {} µs, p99 {} µs",
-            i + 1,
-            cases.len(),
-            report::fmt_ops(r.stats.ops_per_sec),
-            report::fmt_us(r.stats.p50_us),
-            report::fmt_us(r.stats.p99_us)
-        );
-        match &bar {
-            Some(pb) => {
-                pb.println(line);
-                pb.inc(1);
-            }
-            None if !json => {
-                let _ = writeln!(std::io::stderr(), "{line}");
-            }
-            None => {}
         }
-        results.push(r);
     }
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
-    Ok(results)
+    cases
+        .iter()
+        .zip(samples.iter_mut())
+        .map(|(c, s)| plan.result(c, s))
+        .collect()
 }
 
 fn human(r: &Report, report_path: Option<&PathBuf>) -> String {
@@ -273,6 +381,9 @@ fn human(r: &Report, report_path: Option<&PathBuf>) -> String {
         }
         for c in r.comparisons.iter().filter(|c| c.key == k.name) {
             let mut parts = Vec::new();
+            if let Some(v) = c.vs_raw {
+                parts.push(format!("{:.1}% of raw cryptoki ops/s", v * 100.0));
+            }
             if let Some(v) = c.vs_ssh_agent {
                 parts.push(format!("{v:.2}× ssh-agent ops/s"));
             }
