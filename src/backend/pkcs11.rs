@@ -87,6 +87,14 @@ pub struct Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
+        // Under the registry lock, so a concurrent load_module cannot C_Initialize the same
+        // library while it is being finalised.
+        let registry = modules().lock().unwrap_or_else(|p| p.into_inner());
+        // A newer context for the same library registered while this one was dropping: it
+        // shares the initialised library, which must stay initialised.
+        if registry.get(&self.path).and_then(Weak::upgrade).is_some() {
+            return;
+        }
         if let Err(e) = self.ctx.clone().finalize() {
             tracing::debug!(module = %self.path.display(), "C_Finalize: {e}");
         }
@@ -137,7 +145,23 @@ impl Pkcs11Backend {
     /// Configure a token. Connecting happens now if possible; a token that is absent at start
     /// is retried with backoff on use, so other keys keep working.
     pub fn new(alias: &str, cfg: TokenConfig, pin: SecretBytes) -> Pkcs11Backend {
-        let b = Pkcs11Backend {
+        let b = Pkcs11Backend::unconnected(alias, cfg, pin);
+        if let Err(e) = b.live() {
+            tracing::warn!(token = %b.alias, code = e.code(), "token not available yet: {e}");
+        }
+        b
+    }
+
+    /// Connect now and report the error (CLI use: no silent retry). One attempt: its own
+    /// error comes back (a wrong PIN is `bad_passphrase`, not the remembered rejection).
+    pub fn connect(alias: &str, cfg: TokenConfig, pin: SecretBytes) -> Result<Pkcs11Backend> {
+        let b = Pkcs11Backend::unconnected(alias, cfg, pin);
+        b.live()?;
+        Ok(b)
+    }
+
+    fn unconnected(alias: &str, cfg: TokenConfig, pin: SecretBytes) -> Pkcs11Backend {
+        Pkcs11Backend {
             alias: alias.to_string(),
             cfg,
             pin,
@@ -149,18 +173,7 @@ impl Pkcs11Backend {
                 pin_rejected: false,
                 retired: None,
             }),
-        };
-        if let Err(e) = b.live() {
-            tracing::warn!(token = %b.alias, code = e.code(), "token not available yet: {e}");
         }
-        b
-    }
-
-    /// Connect now and report the error (CLI use: no silent retry).
-    pub fn connect(alias: &str, cfg: TokenConfig, pin: SecretBytes) -> Result<Pkcs11Backend> {
-        let b = Pkcs11Backend::new(alias, cfg, pin);
-        b.live()?;
-        Ok(b)
     }
 
     pub fn alias(&self) -> &str {

@@ -5,6 +5,7 @@
 //! Every test gets its own temp directory, home and socket, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod softhsm;
 pub mod verify;
 
 use std::fs;
