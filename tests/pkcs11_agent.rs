@@ -362,3 +362,156 @@ fn real_non_pkcs11_library() -> Option<PathBuf> {
     .find(|p| p.exists())
     .map(Path::to_path_buf)
 }
+
+/// The token goes away while the agent runs: its directory is moved out of SoftHSM's token
+/// directory (SoftHSM then answers CKR_OBJECT_HANDLE_INVALID for the loaded key and
+/// CKR_GENERAL_ERROR for token info — what a pulled HSM token looks like to the agent), and
+/// later moved back. The same agent process must answer `backend_unavailable` in time while it
+/// is gone and serve again once it is back, re-initialising the module by itself.
+#[test]
+fn token_removed_while_the_agent_runs_then_restored_serves_again() {
+    let h = Hsm::new("removable");
+    h.generate("p", "p256");
+    let agent = h.agent();
+    let mut c = agent.client();
+    let pid = c.status().expect("status").pid;
+    let v = public_verifier(&mut c, "p", "p256");
+    let msg = b"before removal";
+    let sig = c
+        .sign(&key_name("p"), msg, None)
+        .expect("sign before removal");
+    v.verify("ecdsa-p256-sha256", msg, &unb64(&sig.signature))
+        .expect("signature verifies with the key's public key");
+
+    let tokens = h.home.path("tokens");
+    let dirs: Vec<PathBuf> = fs::read_dir(&tokens)
+        .expect("token dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one token directory expected: {dirs:?}");
+    let away = h.home.path("token-away");
+    fs::rename(&dirs[0], &away).expect("remove the token");
+
+    // Gone: every answer is backend_unavailable, in time, and status says the token is down.
+    for _ in 0..3 {
+        expect_error(&mut c, "p", "backend_unavailable");
+    }
+    let st = c.status().expect("status while gone");
+    let tok = st
+        .backends
+        .iter()
+        .find(|b| b.kind == "pkcs11:tok")
+        .expect("token backend in status");
+    assert!(!tok.up, "token reported up while removed: {tok:?}");
+
+    fs::rename(&away, &dirs[0]).expect("restore the token");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let msg = b"after restore";
+    let sig = loop {
+        match c.sign(&key_name("p"), msg, None) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert_eq!(e.code(), "backend_unavailable", "{e}");
+                assert!(Instant::now() < deadline, "token not served again: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    v.verify("ecdsa-p256-sha256", msg, &unb64(&sig.signature))
+        .expect("signature verifies with the key's public key");
+    assert_eq!(
+        c.status().expect("status").pid,
+        pid,
+        "the agent was restarted"
+    );
+}
+
+/// A key made by another tool (OpenSC's pkcs11-tool) is adopted with the CLI, by label and
+/// by id, and signs through the agent for the public key pkcs11-tool created.
+#[test]
+fn a_pkcs11_tool_key_is_adopted_through_the_cli_and_signs() {
+    let h = Hsm::new("adopt");
+    let out = std::process::Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--token-label",
+            "adopt",
+            "--login",
+            "--pin",
+            USER_PIN,
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "made-elsewhere",
+            "--id",
+            "0a0b",
+        ])
+        .env("SOFTHSM2_CONF", &h.conf)
+        .output()
+        .expect("pkcs11-tool runs (opensc is installed by scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool keypairgen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    h.ok(&[
+        "key",
+        "adopt",
+        "by-label",
+        "--backend",
+        "pkcs11",
+        "--token",
+        "tok",
+        "--label",
+        "made-elsewhere",
+    ]);
+    h.ok(&[
+        "key",
+        "adopt",
+        "by-id",
+        "--backend",
+        "pkcs11",
+        "--token",
+        "tok",
+        "--id",
+        "0a0b",
+    ]);
+    // Adopting what is not there is an error naming it, and leaves no key behind.
+    let missing = h.run(&[
+        "key",
+        "adopt",
+        "nothing",
+        "--backend",
+        "pkcs11",
+        "--token",
+        "tok",
+        "--label",
+        "absent",
+    ]);
+    assert!(!missing.success(), "adopting a missing object succeeded");
+    assert!(!h.home.home.join("keys/nothing.toml").exists());
+
+    let agent = h.agent();
+    let mut c = agent.client();
+    let a = public_verifier(&mut c, "by-label", "p256");
+    let b = c.public_key(&key_name("by-id"), "hex").expect("public key");
+    let a_hex = c
+        .public_key(&key_name("by-label"), "hex")
+        .expect("public key");
+    assert_eq!(
+        a_hex.public_key, b.public_key,
+        "both names adopt one object"
+    );
+    for name in ["by-label", "by-id"] {
+        let msg = format!("adopted {name}");
+        let sig = c
+            .sign(&key_name(name), msg.as_bytes(), None)
+            .expect("adopted key signs");
+        a.verify("ecdsa-p256-sha256", msg.as_bytes(), &unb64(&sig.signature))
+            .expect("adopted key's signature verifies with pkcs11-tool's public key");
+    }
+}
