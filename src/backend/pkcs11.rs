@@ -521,15 +521,7 @@ impl Backend for Pkcs11Backend {
         let label = spec.name.as_str().as_bytes().to_vec();
         let t = spec.key_type;
         self.with_session(|_, s| {
-            let common_priv = vec![
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Sign(true),
-                Attribute::Label(label.clone()),
-                Attribute::Id(id.clone()),
-            ];
+            let common_priv = private_attrs(&label, &id);
             let common_pub = vec![
                 Attribute::Token(true),
                 Attribute::Verify(true),
@@ -604,15 +596,7 @@ impl Backend for Pkcs11Backend {
         let t = spec.key_type;
         let spki = material::public_spki(&secret)?;
         let (mut priv_t, pub_t) = import_templates(t, &secret, spki.as_deref())?;
-        priv_t.extend([
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Label(label.clone()),
-            Attribute::Id(id.clone()),
-        ]);
+        priv_t.extend(private_attrs(&label, &id));
         self.with_session(|_, s| {
             s.create_object(&priv_t).map_err(classify)?;
             if let Some(mut p) = pub_t {
@@ -835,7 +819,7 @@ fn load_module(path: &Path) -> Result<Arc<Module>> {
 }
 
 /// Find the configured token's slot by label or serial (slot numbers change, e.g. after init).
-fn find_slot(ctx: &Pkcs11, cfg: &TokenConfig) -> Result<Slot> {
+pub fn find_slot(ctx: &Pkcs11, cfg: &TokenConfig) -> Result<Slot> {
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| Error::BackendUnavailable(format!("listing slots: {e}")))?;
@@ -961,6 +945,20 @@ pub fn init_token(
         .map_err(|e| Error::BadPassphrase(format!("setting the user PIN: {e}")))?;
     s.logout().ok();
     summarize(ctx, slot)
+}
+
+/// What every private or secret key keyward puts on a token carries: a token object that
+/// only signs, never leaves the token in clear, and is found by its label and random id.
+fn private_attrs(label: &[u8], id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Label(label.to_vec()),
+        Attribute::Id(id.to_vec()),
+    ]
 }
 
 fn pin_of(p: &SecretBytes) -> Result<AuthPin> {

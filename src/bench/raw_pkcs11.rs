@@ -55,35 +55,9 @@ impl RawToken {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(ck("C_Initialize", e)),
         }
-        let mut found = None;
-        for slot in ctx
-            .get_slots_with_token()
-            .map_err(|e| ck("listing slots", e))?
-        {
-            let Ok(info) = ctx.get_token_info(slot) else {
-                continue;
-            };
-            let label_ok = cfg
-                .label
-                .as_deref()
-                .is_none_or(|l| info.label().trim_end() == l);
-            let serial_ok = cfg
-                .serial
-                .as_deref()
-                .is_none_or(|s| info.serial_number().trim_end() == s);
-            if label_ok && serial_ok && (cfg.label.is_some() || cfg.serial.is_some()) {
-                found = Some(slot);
-                break;
-            }
-        }
-        let slot = found.ok_or_else(|| {
-            Error::BackendUnavailable(format!(
-                "raw PKCS#11: no token `{alias}` (label {:?}, serial {:?}) in {}",
-                cfg.label,
-                cfg.serial,
-                cfg.module.display()
-            ))
-        })?;
+        // The same selection rule keyward uses (not timed: only C_Sign is measured).
+        let slot = crate::backend::pkcs11::find_slot(&ctx, cfg)
+            .map_err(|e| Error::BackendUnavailable(format!("raw PKCS#11: token `{alias}`: {e}")))?;
         let anchor = ctx
             .open_ro_session(slot)
             .map_err(|e| ck("C_OpenSession", e))?;
