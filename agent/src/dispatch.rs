@@ -23,7 +23,6 @@ use keyward::proto::{
 };
 use keyward::{pubkey, Error, Result};
 use serde_json::{json, Value};
-use sha3::Digest;
 
 use super::pool::Pool;
 
@@ -221,12 +220,8 @@ impl State {
         let Some(s) = self.table().keys.get(key).cloned() else {
             return false;
         };
-        let alg = match scheme.as_deref().map(str::parse::<Algorithm>) {
-            Some(Ok(a)) => a,
-            Some(Err(_)) => return false,
-            None => s.meta.key_type.default_algorithm(),
-        };
-        !s.backend.is_fast(alg)
+        // A request that will fail is answered inline; `sign` reports why.
+        scheme_for(&s, scheme.as_deref()).is_ok_and(|alg| !s.backend.is_fast(alg))
     }
 
     pub fn status_keys(&self) -> usize {
@@ -380,16 +375,7 @@ impl State {
         if let Some(e) = &s.load_error {
             return Err(Error::BackendUnavailable(e.clone()));
         }
-        let alg = match scheme {
-            Some(name) => name.parse::<Algorithm>()?,
-            None => s.meta.key_type.default_algorithm(),
-        };
-        if !s.meta.key_type.supports(alg) {
-            return Err(Error::BadRequest(format!(
-                "scheme {alg} does not fit key `{key}` ({})",
-                s.meta.key_type
-            )));
-        }
+        let alg = scheme_for(&s, scheme)?;
         let msg = STANDARD
             .decode(data)
             .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
@@ -417,10 +403,7 @@ impl State {
             Some(rid) => {
                 let mut b = sig.bytes;
                 b.push(27 + rid);
-                (
-                    b,
-                    Some(format!("0x{}", hex::encode(secp256k1_digest(alg, &msg)))),
-                )
+                (b, sig.digest.map(|d| format!("0x{}", hex::encode(d))))
             }
             None => (sig.bytes, None),
         };
@@ -504,16 +487,19 @@ fn lock_target(key: Option<&KeyName>, all: bool) -> Result<Option<&KeyName>> {
     }
 }
 
-/// The digest a secp256k1 scheme signed (reported so callers can check what was signed).
-fn secp256k1_digest(alg: Algorithm, msg: &[u8]) -> Vec<u8> {
-    match alg {
-        Algorithm::EcdsaSecp256k1Keccak256 => sha3::Keccak256::digest(msg).to_vec(),
-        Algorithm::EcdsaSecp256k1Sha256 => {
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
-                .as_ref()
-                .to_vec()
-        }
-        _ => msg.to_vec(),
+/// The scheme a request names (or the key type's default), if it fits the key.
+fn scheme_for(s: &Served, scheme: Option<&str>) -> Result<Algorithm> {
+    let alg = match scheme {
+        Some(name) => name.parse::<Algorithm>()?,
+        None => s.meta.key_type.default_algorithm(),
+    };
+    if s.meta.key_type.supports(alg) {
+        Ok(alg)
+    } else {
+        Err(Error::BadRequest(format!(
+            "scheme {alg} does not fit key `{}` ({})",
+            s.meta.name, s.meta.key_type
+        )))
     }
 }
 

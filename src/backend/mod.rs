@@ -40,6 +40,44 @@ pub struct Signature {
     pub bytes: Vec<u8>,
     /// secp256k1 only: recovery id 0 or 1 (of the low-s signature).
     pub recovery_id: Option<u8>,
+    /// secp256k1 only: the 32-byte digest that was signed (reported to callers).
+    pub digest: Option<[u8; 32]>,
+}
+
+impl Signature {
+    /// A signature with nothing beyond its bytes (every scheme but secp256k1).
+    pub fn plain(bytes: Vec<u8>) -> Signature {
+        Signature {
+            bytes,
+            recovery_id: None,
+            digest: None,
+        }
+    }
+}
+
+/// The 32-byte digest a secp256k1 scheme signs: keccak256 or SHA-256 of the message, or the
+/// message itself when the caller hashed it. One definition for every backend.
+pub fn secp256k1_digest(alg: Algorithm, msg: &[u8]) -> Result<[u8; 32]> {
+    use sha3::Digest;
+    match alg {
+        Algorithm::EcdsaSecp256k1Keccak256 => Ok(sha3::Keccak256::digest(msg).into()),
+        Algorithm::EcdsaSecp256k1Sha256 => Ok(sha2_256(msg)),
+        Algorithm::EcdsaSecp256k1Prehashed => msg.try_into().map_err(|_| {
+            Error::BadRequest(format!(
+                "{alg} needs a 32-byte digest, got {} bytes",
+                msg.len()
+            ))
+        }),
+        other => Err(Error::BadRequest(format!(
+            "scheme {other} is not a secp256k1 scheme"
+        ))),
+    }
+}
+
+fn sha2_256(msg: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg).as_ref());
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,7 +17,6 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use pkcs8::der::{Decode, Encode};
-use sha3::Digest;
 
 use super::material::{self, SecretKeyMaterial};
 use super::{Backend, Health, KeySpec, NewKey, PublicInfo, Signature};
@@ -678,19 +677,12 @@ fn sign_with(
         ),
         Algorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, sha(&aws_lc_rs::digest::SHA256)),
         Algorithm::EcdsaP384Sha384 => (Mechanism::Ecdsa, sha(&aws_lc_rs::digest::SHA384)),
-        Algorithm::EcdsaSecp256k1Keccak256 => {
-            (Mechanism::Ecdsa, sha3::Keccak256::digest(msg).to_vec())
-        }
-        Algorithm::EcdsaSecp256k1Sha256 => (Mechanism::Ecdsa, sha(&aws_lc_rs::digest::SHA256)),
-        Algorithm::EcdsaSecp256k1Prehashed => {
-            if msg.len() != 32 {
-                return Err(Failure::Other(Error::BadRequest(format!(
-                    "{alg} needs a 32-byte digest, got {} bytes",
-                    msg.len()
-                ))));
-            }
-            (Mechanism::Ecdsa, msg.to_vec())
-        }
+        Algorithm::EcdsaSecp256k1Keccak256
+        | Algorithm::EcdsaSecp256k1Sha256
+        | Algorithm::EcdsaSecp256k1Prehashed => (
+            Mechanism::Ecdsa,
+            super::secp256k1_digest(alg, msg)?.to_vec(),
+        ),
         Algorithm::RsaPkcs1Sha256 => (Mechanism::Sha256RsaPkcs, msg.to_vec()),
         Algorithm::RsaPkcs1Sha512 => (Mechanism::Sha512RsaPkcs, msg.to_vec()),
         Algorithm::RsaPssSha256 => (
@@ -706,10 +698,7 @@ fn sign_with(
     };
     let raw = s.sign(&mech, k.handle, &input).map_err(classify)?;
     if k.key_type != KeyType::Secp256k1 {
-        return Ok(Signature {
-            bytes: raw,
-            recovery_id: None,
-        });
+        return Ok(Signature::plain(raw));
     }
     let digest: [u8; 32] = input
         .as_slice()
@@ -738,6 +727,7 @@ pub fn recoverable(raw: &[u8], digest: &[u8; 32], point: &[u8]) -> Result<Signat
             return Ok(Signature {
                 bytes: sig.to_bytes().to_vec(),
                 recovery_id: Some(rid),
+                digest: Some(*digest),
             });
         }
     }

@@ -14,7 +14,6 @@ use aws_lc_rs::signature::{
     ECDSA_P384_SHA384_FIXED_SIGNING, RSA_PKCS1_SHA256, RSA_PKCS1_SHA512, RSA_PSS_SHA256,
     RSA_PSS_SHA512,
 };
-use sha3::Digest;
 
 use super::material::{self, SecretKeyMaterial};
 use super::{Backend, KeySpec, NewKey, PublicInfo, Signature};
@@ -76,10 +75,7 @@ impl SoftKey {
 
     fn sign(&self, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
         let rng = SystemRandom::new();
-        let plain = |bytes: Vec<u8>| Signature {
-            bytes,
-            recovery_id: None,
-        };
+        let plain = Signature::plain;
         let failed = || Error::Internal(format!("{alg} signing failed"));
         match (self, alg) {
             (SoftKey::Ed25519(kp), Algorithm::Ed25519) => Ok(plain(kp.sign(msg).as_ref().to_vec())),
@@ -101,21 +97,10 @@ impl SoftKey {
                 Ok(plain(out))
             }
             (SoftKey::Secp256k1(sk), _) => {
-                let digest: [u8; 32] = match alg {
-                    Algorithm::EcdsaSecp256k1Keccak256 => sha3::Keccak256::digest(msg).into(),
-                    Algorithm::EcdsaSecp256k1Sha256 => {
-                        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg);
-                        d.as_ref().try_into().map_err(|_| failed())?
-                    }
-                    Algorithm::EcdsaSecp256k1Prehashed => msg.try_into().map_err(|_| {
-                        Error::BadRequest(format!(
-                            "{alg} needs a 32-byte digest, got {} bytes",
-                            msg.len()
-                        ))
-                    })?,
-                    _ => return Err(mismatch(alg)),
-                };
-                secp256k1_sign(sk, &digest)
+                if !KeyType::Secp256k1.supports(alg) {
+                    return Err(mismatch(alg));
+                }
+                secp256k1_sign(sk, &super::secp256k1_digest(alg, msg)?)
             }
             (SoftKey::Hmac(keys), Algorithm::HmacSha256 | Algorithm::HmacSha512) => {
                 let key = if alg == Algorithm::HmacSha256 {
@@ -146,6 +131,7 @@ pub fn secp256k1_sign(sk: &k256::ecdsa::SigningKey, digest: &[u8; 32]) -> Result
     Ok(Signature {
         bytes: sig.to_bytes().to_vec(),
         recovery_id: Some(recid),
+        digest: Some(*digest),
     })
 }
 
@@ -389,6 +375,7 @@ pub fn parse_recipient(text: &str) -> Result<age::x25519::Recipient> {
 mod tests {
     use super::*;
     use crate::model::KeyName;
+    use sha3::Digest;
 
     fn backend(dir: &Path) -> SoftBackend {
         let id = age::x25519::Identity::generate();
