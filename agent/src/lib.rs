@@ -42,6 +42,27 @@ pub struct Options {
     pub log_format: Option<String>,
 }
 
+impl Options {
+    /// `--passphrase`, else `agent.passphrase` from keyward.toml, else the prompt.
+    pub fn passphrase_source(&self, config: &Config) -> Result<SecretSource> {
+        match self
+            .passphrase
+            .as_deref()
+            .or(config.agent.passphrase.as_deref())
+        {
+            Some(s) => s.parse(),
+            None => Ok(SecretSource::Prompt),
+        }
+    }
+
+    /// `--socket`, else `$KEYWARD_SOCK`, `agent.socket`, `$XDG_RUNTIME_DIR`, the home.
+    pub fn socket_path(&self, config: &Config, home: &Home) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| {
+            keyward::proto::socket_path(config.agent.socket.as_deref(), home.root())
+        })
+    }
+}
+
 /// Run the agent in the foreground until SIGTERM/SIGINT. Blocks.
 pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
     // Hardening first, before any secret is read.
@@ -58,24 +79,15 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
     );
     lock_memory();
 
-    let source: SecretSource = match opts
-        .passphrase
-        .as_deref()
-        .or(config.agent.passphrase.as_deref())
-    {
-        Some(s) => s.parse()?,
-        None => SecretSource::Prompt,
-    };
-    let passphrase = source.read("identity passphrase")?;
+    let passphrase = opts
+        .passphrase_source(&config)?
+        .read("identity passphrase")?;
     let identity = keyward::identity::unlock(&home, &passphrase)?;
     drop(passphrase);
     let recipient = identity.to_public();
     let soft = SoftBackend::new(&home.keys_dir(), recipient, Some(identity));
 
-    let socket = match &opts.socket {
-        Some(p) => p.clone(),
-        None => keyward::proto::socket_path(config.agent.socket.as_deref(), home.root()),
-    };
+    let socket = opts.socket_path(&config, &home);
     let workers = config.workers();
     let state = Arc::new(dispatch::State::new(home, socket.clone(), config, soft)?);
 

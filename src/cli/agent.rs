@@ -35,26 +35,14 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
     }
     let home = Home::open(ctx.home.as_deref())?;
     let config = Config::load(&home.config_path())?;
-    let socket = match &a.opts.socket {
-        Some(p) => p.clone(),
-        None => keyward::proto::socket_path(config.agent.socket.as_deref(), home.root()),
-    };
+    let socket = a.opts.socket_path(&config, &home);
     if Client::connect(&socket).is_ok() {
         return Err(Error::AlreadyExists(format!(
             "an agent is already listening on {}",
             socket.display()
         )));
     }
-    let source: SecretSource = match a
-        .opts
-        .passphrase
-        .as_deref()
-        .or(config.agent.passphrase.as_deref())
-    {
-        Some(s) => s.parse()?,
-        None => SecretSource::Prompt,
-    };
-    // Read a prompted (or stdin) passphrase here, where the terminal is, and hand it over.
+    let source = a.opts.passphrase_source(&config)?;
     // Read a prompted, piped or environment passphrase here and hand it over on a pipe: the
     // long-lived agent must not carry it in its environment (/proc/<pid>/environ).
     let piped = match &source {
@@ -85,15 +73,10 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
         .arg("--socket")
         .arg(&socket)
         .arg("--passphrase");
-    match &piped {
-        Some(_) => cmd.arg("stdin"),
-        None => cmd.arg(
-            a.opts
-                .passphrase
-                .as_deref()
-                .or(config.agent.passphrase.as_deref())
-                .unwrap_or("prompt"),
-        ),
+    match &source {
+        // Only a file source is passed on as is; everything else arrives on the pipe.
+        SecretSource::File(p) => cmd.arg(format!("file:{}", p.display())),
+        _ => cmd.arg("stdin"),
     };
     if let Some(f) = &a.opts.log_format {
         cmd.arg("--log-format").arg(f);
