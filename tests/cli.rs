@@ -97,13 +97,7 @@ fn a_wrong_passphrase_is_refused_by_the_agent_and_by_a_shredding_import() {
 fn a_loose_passphrase_file_is_refused_and_nothing_is_created() {
     let h = TestHome::uninitialized();
     chmod(&h.pass_file, 0o644);
-    let out = h.run(&[
-        "init",
-        "--passphrase",
-        &h.pass_source(),
-        "--kdf-work-factor",
-        "10",
-    ]);
+    let out = h.init();
     out.assert_error("insecure_permissions");
     assert!(
         !h.home.join("identity.age").exists(),
@@ -118,13 +112,7 @@ fn a_loose_passphrase_file_is_refused_and_nothing_is_created() {
 
     // Fixed permissions: init works; loosening them again stops the agent and --shred.
     chmod(&h.pass_file, 0o600);
-    h.ok(&[
-        "init",
-        "--passphrase",
-        &h.pass_source(),
-        "--kdf-work-factor",
-        "10",
-    ]);
+    h.init().expect_success();
     let home_mode = fs::metadata(&h.home).expect("home").permissions().mode() & 0o777;
     assert_eq!(home_mode, 0o700, "home mode");
     let id_mode = fs::metadata(h.home.join("identity.age"))
@@ -135,14 +123,7 @@ fn a_loose_passphrase_file_is_refused_and_nothing_is_created() {
     assert_eq!(id_mode & 0o077, 0, "identity.age readable by others");
     // A second init must not clobber the identity.
     let before = fs::read(h.home.join("identity.age")).expect("identity.age");
-    h.run(&[
-        "init",
-        "--passphrase",
-        &h.pass_source(),
-        "--kdf-work-factor",
-        "10",
-    ])
-    .assert_error("already_exists");
+    h.init().assert_error("already_exists");
     assert_eq!(fs::read(h.home.join("identity.age")).expect("id"), before);
 
     chmod(&h.pass_file, 0o640);
@@ -163,19 +144,8 @@ fn a_loose_passphrase_file_is_refused_and_nothing_is_created() {
 
     let src = h.path("secret.txt");
     write_private(&src, SECRET);
-    h.run(&[
-        "key",
-        "import",
-        "s",
-        "--type",
-        "hmac-sha256",
-        "--file",
-        &src.display().to_string(),
-        "--shred",
-        "--passphrase",
-        &h.pass_source(),
-    ])
-    .assert_error("insecure_permissions");
+    h.import_shred("s", &src, &h.pass_source())
+        .assert_error("insecure_permissions");
     assert!(src.exists(), "--shred removed the source after a refusal");
 
     // A home others can read is refused too.
@@ -349,18 +319,9 @@ fn shred_removes_the_source_only_after_a_verified_import() {
     let h = TestHome::new();
     let src = h.path("exchange-secret");
     write_private(&src, SECRET);
-    let out = h.ok(&[
-        "key",
-        "import",
-        "shredded",
-        "--type",
-        "hmac-sha256",
-        "--file",
-        &src.display().to_string(),
-        "--shred",
-        "--passphrase",
-        &h.pass_source(),
-    ]);
+    let out = h
+        .import_shred("shredded", &src, &h.pass_source())
+        .expect_success();
     assert!(
         !src.exists(),
         "--shred left the source file in place:\n{out}"
@@ -417,18 +378,7 @@ fn a_shred_that_cannot_shred_imports_nothing() {
     write_private(&src, SECRET);
     let other_link = h.path("second-link");
     fs::hard_link(&src, &other_link).expect("hard link");
-    let out = h.run(&[
-        "key",
-        "import",
-        "linked",
-        "--type",
-        "hmac-sha256",
-        "--file",
-        &src.display().to_string(),
-        "--shred",
-        "--passphrase",
-        &h.pass_source(),
-    ]);
+    let out = h.import_shred("linked", &src, &h.pass_source());
     assert!(!out.success(), "a hard-linked source was shredded:\n{out}");
     assert_eq!(fs::read(&src).expect("source kept"), SECRET);
     assert!(

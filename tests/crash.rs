@@ -153,13 +153,7 @@ fn an_init_interrupted_between_its_two_writes_can_be_rerun() {
     // The state a SIGKILL between the two atomic writes leaves.
     std::fs::remove_file(h.home.join("identity.age")).expect("removing identity.age");
     h.run(&["key", "list"]).assert_error("not_initialized");
-    let out = h.run(&[
-        "init",
-        "--passphrase",
-        &h.pass_source(),
-        "--kdf-work-factor",
-        "10",
-    ]);
+    let out = h.init();
     assert!(
         out.success(),
         "a home left by an interrupted init cannot be initialised again:\n{out}"

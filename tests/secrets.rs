@@ -130,19 +130,8 @@ fn no_secret_reaches_output_logs_or_plaintext_files_and_the_agent_is_not_dumpabl
     write_private(&wrong, b"wrong-passphrase-123\n");
     let src = h.path("again");
     write_private(&src, HMAC_SECRET.as_bytes());
-    h.run(&[
-        "key",
-        "import",
-        "bad6",
-        "--type",
-        "hmac-sha256",
-        "--file",
-        &src.display().to_string(),
-        "--shred",
-        "--passphrase",
-        &format!("file:{}", wrong.display()),
-    ])
-    .assert_error("bad_passphrase");
+    h.import_shred("bad6", &src, &format!("file:{}", wrong.display()))
+        .assert_error("bad_passphrase");
 
     // The agent, with the most verbose logging it may offer.
     let agent = h.agent_with_env(&[("RUST_LOG", "trace"), ("KEYWARD_LOG", "trace")]);

@@ -48,6 +48,12 @@ impl Output {
         self.status.success()
     }
 
+    /// The output of a command that must have succeeded.
+    pub fn expect_success(self) -> Output {
+        assert!(self.success(), "command failed:\n{self}");
+        self
+    }
+
     /// The error code the CLI printed: `error[<code>]` on stderr, or `{"error":{"code":..}}`.
     pub fn error_code(&self) -> Option<String> {
         if let Some(v) = self.json_error() {
@@ -122,13 +128,7 @@ impl TestHome {
     /// A fresh, initialised home (scrypt work factor 10 so init and unlock are fast).
     pub fn new() -> TestHome {
         let h = TestHome::uninitialized();
-        h.ok(&[
-            "init",
-            "--passphrase",
-            &h.pass_source(),
-            "--kdf-work-factor",
-            "10",
-        ]);
+        h.init().expect_success();
         assert!(
             h.home.join("identity.age").is_file(),
             "init did not create identity.age"
@@ -215,10 +215,35 @@ impl TestHome {
     }
 
     /// Run and require success.
+    /// `keyward init` with the test passphrase file and a fast scrypt (work factor 10).
+    pub fn init(&self) -> Output {
+        self.run(&[
+            "init",
+            "--passphrase",
+            &self.pass_source(),
+            "--kdf-work-factor",
+            "10",
+        ])
+    }
+
+    /// `key import NAME --type hmac-sha256 --file SRC --shred --passphrase SOURCE`.
+    pub fn import_shred(&self, name: &str, src: &Path, passphrase: &str) -> Output {
+        self.run(&[
+            "key",
+            "import",
+            name,
+            "--type",
+            "hmac-sha256",
+            "--file",
+            &src.display().to_string(),
+            "--shred",
+            "--passphrase",
+            passphrase,
+        ])
+    }
+
     pub fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert!(out.success(), "command failed:\n{out}");
-        out
+        self.run(args).expect_success()
     }
 
     pub fn generate(&self, name: &str, key_type: &str) -> Output {
