@@ -148,6 +148,22 @@ impl Verifier {
     }
 
     /// Check `sig` over `msg` under `scheme`. Errors say what was wrong.
+    /// Verify, and show the verifier is not vacuous: the same signature must fail for a
+    /// message that differs in one bit (or by one byte, for the empty message).
+    pub fn verify_strict(&self, scheme: &str, msg: &[u8], sig: &[u8], what: &str) {
+        self.verify(scheme, msg, sig)
+            .unwrap_or_else(|e| panic!("{what}: signature does not verify: {e}"));
+        let mut other = msg.to_vec();
+        match other.first_mut() {
+            Some(b) => *b ^= 1,
+            None => other.push(0),
+        }
+        assert!(
+            self.verify(scheme, &other, sig).is_err(),
+            "{what}: signature also verifies for another message"
+        );
+    }
+
     pub fn verify(&self, scheme: &str, msg: &[u8], sig: &[u8]) -> Result<(), String> {
         match (self, scheme) {
             (Verifier::Ed25519(k), "ed25519") => {
