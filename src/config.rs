@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::policy::engine::Policy;
+use crate::policy::rules::{ClientRule, KeyPolicy};
 use crate::secret::SecretSource;
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -17,6 +19,12 @@ pub struct Config {
     /// PKCS#11 tokens by alias: `[pkcs11.<alias>]`.
     #[serde(default)]
     pub pkcs11: BTreeMap<String, TokenConfig>,
+    /// Named clients: `[clients.<name>]` (ARCHITECTURE §6, docs/policy.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clients: BTreeMap<String, ClientRule>,
+    /// Per-key policy: `[keys.<name>]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<String, KeyPolicy>,
 }
 
 /// Debian's SoftHSM module; any vendor module is configured the same way.
@@ -158,6 +166,8 @@ impl Config {
                 )));
             }
         }
+        self.policy(0)
+            .map_err(|e| Error::Config(format!("{}: {e}", origin.display())))?;
         if a.queue == 0 || a.max_connections == 0 || a.max_in_flight == 0 {
             return Err(Error::Config(format!(
                 "{}: agent.queue, agent.max_connections and agent.max_in_flight must be > 0",
@@ -165,6 +175,11 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// The compiled policy of this config, for an agent running as `agent_uid`.
+    pub fn policy(&self, agent_uid: u32) -> Result<Policy> {
+        Policy::compile(&self.clients, &self.keys, agent_uid)
     }
 
     pub fn workers(&self) -> usize {

@@ -140,7 +140,7 @@ impl Error {
             Error::Unauthorized(_) => {
                 "connect as the agent's user (or root), or ask an operator to add a client"
             }
-            Error::Forbidden(_) => "this operation needs an admin client",
+            Error::Forbidden(_) => "admin operations need an admin client; raw signing of a profile-bound key needs allow_raw (see `keyward policy explain`)",
             Error::UnknownKey(_) => "run `keyward key list` to see the keys this home holds",
             Error::UnknownProfile(_) => "see docs/profiles.md for the profile names",
             Error::PolicyDenied(_) => "see `keyward policy explain`",

@@ -35,6 +35,9 @@ pub struct KeyMeta {
     /// The exchange's API key id, sent in headers by profiles.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Address sent by profiles that need one beside the key (Polymarket L2 `POLY_ADDRESS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     pub versions: Vec<KeyVersion>,
 }
 

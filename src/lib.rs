@@ -12,6 +12,7 @@ pub mod identity;
 pub mod keystore;
 pub mod model;
 pub mod policy;
+pub mod profile;
 pub mod proto;
 pub mod pubkey;
 pub mod secret;

@@ -343,6 +343,10 @@ pub struct ClientIdentity {
     pub gid: u32,
     pub pid: Option<i32>,
     pub exe: Option<String>,
+    /// SHA-256 of the token this connection presented in `hello` (set at most once; shared
+    /// by the connection's tasks).
+    #[serde(skip)]
+    pub token_sha256: std::sync::Arc<std::sync::OnceLock<[u8; 32]>>,
 }
 
 #[cfg(test)]

@@ -213,6 +213,89 @@ fn another_uid_is_refused_by_peer_credentials_and_our_uid_is_served() {
     assert!(c.status().expect("status").requests > 0);
 }
 
+/// Sends each request of the JSON array argv[2] in order on one connection and prints each
+/// response as one JSON line.
+const OPS_PY: &str = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+def exact(n):
+    buf = b''
+    while len(buf) < n:
+        c = s.recv(n - len(buf))
+        if not c:
+            raise SystemExit('EOF')
+        buf += c
+    return buf
+for i, op in enumerate(json.loads(sys.argv[2])):
+    op['id'] = i
+    b = json.dumps(op).encode()
+    s.sendall(struct.pack('>I', len(b)) + b)
+    body = exact(struct.unpack('>I', exact(4))[0])
+    print(body.decode(), flush=True)
+"#;
+
+/// PARSEC-style multi-tenant check: a second uid named in `[clients]` is served for the key
+/// its policy allows, refused for another key, and is not an admin (cannot unlock).
+#[test]
+fn a_configured_second_uid_is_served_within_its_policy_only() {
+    let other_uid = ensure_other_user();
+    let h = TestHome::new();
+    h.import_ok("theirs", Some("hmac-sha256"), b"kw-tenant-secret-1");
+    h.import_ok("ours", Some("hmac-sha256"), b"kw-tenant-secret-2");
+    h.import_ok("spare", Some("hmac-sha256"), b"kw-tenant-secret-3");
+    let cfg = h.home.join("keyward.toml");
+    let mut text = fs::read_to_string(&cfg).expect("config");
+    text.push_str(&format!(
+        "\n[clients.tenant]\nuids = [{other_uid}]\n\n[keys.theirs]\nclients = [\"tenant\"]\n\n[keys.ours]\nclients = [\"owner\"]\n"
+    ));
+    fs::write(&cfg, text).expect("writing config");
+    let agent = h.agent();
+    h.ok(&["lock", "--key", "spare", "--reason", "tenant test"]);
+
+    let sock_dir = h.sock.parent().expect("socket dir");
+    for (p, mode) in [
+        (h.dir.path(), 0o711),
+        (sock_dir, 0o711),
+        (h.sock.as_path(), 0o666),
+    ] {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let ops = serde_json::json!([
+        {"op": "hello"},
+        {"op": "sign", "key": "theirs", "data": "aGk="},
+        {"op": "sign", "key": "ours", "data": "aGk="},
+        {"op": "unlock", "all": true},
+    ]);
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={OTHER_USER}"),
+        &format!("--regid={OTHER_USER}"),
+        "--clear-groups",
+        python(),
+        "-c",
+        OPS_PY,
+    ])
+    .arg(&h.sock)
+    .arg(ops.to_string())
+    .current_dir("/");
+    let out = run_command(c, None);
+    let got = responses(&out.stdout.lines().map(str::to_owned).collect::<Vec<_>>());
+    assert_eq!(got.len(), 4, "{out}");
+    assert_eq!(got[0]["result"]["client"], "tenant", "{out}");
+    assert_eq!(got[0]["result"]["admin"], false, "{out}");
+    assert_eq!(got[1]["ok"], true, "tenant could not use its key:\n{out}");
+    assert_eq!(got[2]["error"]["code"], "policy_denied", "{out}");
+    assert_eq!(
+        got[3]["error"]["code"], "forbidden",
+        "a non-admin uid unlocked:\n{out}"
+    );
+    // The lock is still in force.
+    let st = agent.client().status().expect("status");
+    assert_eq!(st.locks.len(), 1, "unlock by a non-admin took effect");
+}
+
 /// The agent must refuse to put its socket in a directory others can write to or that another
 /// user owns (anyone could replace the socket).
 #[test]

@@ -16,7 +16,10 @@ use keyward::config::Config;
 use keyward::home::Home;
 use keyward::keystore::{KeyMeta, Keystore};
 use keyward::model::{Algorithm, BackendKind, ClientIdentity, KeyName, KeyRef, KeyType};
+use keyward::policy::engine::{Ask, KeyFacts, Peer};
+use keyward::policy::gate::{Gate, Snapshot};
 use keyward::policy::locks::Locks;
+use keyward::profile::{self, Clock, ProfileName};
 use keyward::proto::{
     BackendStatus, HelloResult, KeyInfo, Op, PublicKeyResult, SignResult, StatusResult,
     PROTOCOL_VERSION,
@@ -54,6 +57,8 @@ pub struct State {
     table: RwLock<Arc<Table>>,
     config: RwLock<Arc<Config>>,
     locks: Mutex<Locks>,
+    /// Policy, rate buckets, daily caps and nonces.
+    gate: Gate,
     pub connections: AtomicUsize,
     pub requests: AtomicU64,
 }
@@ -63,10 +68,12 @@ impl State {
         let locks = Locks::load(&home.state_dir())?;
         let pool = Pool::new(config.workers(), config.agent.queue);
         let tokens = build_tokens(&config, &HashMap::new())?;
+        let agent_uid = keyward::sys::effective_uid();
+        let gate = Gate::new(&config, &home.state_dir(), agent_uid)?;
         let state = State {
             socket,
             started: Instant::now(),
-            agent_uid: keyward::sys::effective_uid(),
+            agent_uid,
             soft: Arc::new(soft),
             tokens: RwLock::new(Arc::new(tokens)),
             pool,
@@ -75,6 +82,7 @@ impl State {
             })),
             config: RwLock::new(Arc::new(config)),
             locks: Mutex::new(locks),
+            gate,
             connections: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             home,
@@ -204,6 +212,7 @@ impl State {
             Err(p) => *p.into_inner() = Arc::new(tokens),
         }
         let n = self.load_keys()?;
+        self.gate.reload(&cfg)?;
         match self.config.write() {
             Ok(mut c) => *c = Arc::new(cfg),
             Err(p) => *p.into_inner() = Arc::new(cfg),
@@ -214,34 +223,41 @@ impl State {
     /// Whether a request will wait for a worker thread (slow signing) rather than finish in
     /// microseconds; the connection runs fast ones inline.
     pub fn is_slow(&self, op: &Op) -> bool {
-        let Op::Sign { key, scheme, .. } = op else {
-            return false;
+        let (key, scheme) = match op {
+            Op::Sign { key, scheme, .. } => (key, scheme.as_deref()),
+            Op::SignRequest { key, .. } => (key, None),
+            _ => return false,
         };
         let Some(s) = self.table().keys.get(key).cloned() else {
             return false;
         };
         // A request that will fail is answered inline; `sign` reports why.
-        scheme_for(&s, scheme.as_deref()).is_ok_and(|alg| !s.backend.is_fast(alg))
+        scheme_for(&s, scheme).is_ok_and(|alg| !s.backend.is_fast(alg))
     }
 
     pub fn status_keys(&self) -> usize {
         self.table().keys.len()
     }
 
+    /// Admins: the agent's own user and root (the implicit `owner` client), and clients
+    /// with `roles = ["admin"]`.
     fn is_admin(&self, who: &ClientIdentity) -> bool {
-        who.uid == 0 || who.uid == self.agent_uid
+        self.gate
+            .snapshot()
+            .identify(&peer(who))
+            .is_ok_and(|c| c.admin)
     }
 
-    /// Whether this peer may use the agent at all (until policy names clients: the agent's
-    /// own user and root).
-    pub fn admits(&self, uid: u32) -> bool {
-        uid == 0 || uid == self.agent_uid
+    /// Whether this peer may use the agent at all: the agent's own user, root, or a uid/gid
+    /// some configured client names.
+    pub fn admits(&self, uid: u32, gid: u32) -> bool {
+        self.gate.snapshot().policy.may_connect(uid, gid)
     }
 
     pub async fn handle(&self, who: &ClientIdentity, op: Op) -> Result<Value> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         match op {
-            Op::Hello { version, token: _ } => {
+            Op::Hello { version, token } => {
                 if let Some(v) = version {
                     if v != PROTOCOL_VERSION {
                         return Err(Error::BadRequest(format!(
@@ -249,17 +265,32 @@ impl State {
                         )));
                     }
                 }
+                if let Some(t) = token {
+                    let h = keyward::policy::engine::token_hash(&t);
+                    if who.token_sha256.get().is_some_and(|old| *old != h) {
+                        return Err(Error::BadRequest(
+                            "this connection already presented a different token".into(),
+                        ));
+                    }
+                    let _ = who.token_sha256.set(h);
+                }
+                let client = self.gate.snapshot().identify(&peer(who))?;
                 to_value(HelloResult {
                     protocol: PROTOCOL_VERSION,
                     agent_version: keyward::VERSION.into(),
-                    client: who.name.clone(),
+                    client: client.name.clone(),
                     uid: who.uid,
-                    admin: self.is_admin(who),
+                    admin: client.admin,
                 })
             }
             Op::ListKeys {} => self.list_keys(),
             Op::PublicKey { key, format } => self.public_key(&key, format.as_deref()),
-            Op::Sign { key, data, scheme } => self.sign(&key, &data, scheme.as_deref()).await,
+            Op::Sign { key, data, scheme } => self.sign(who, &key, &data, scheme.as_deref()).await,
+            Op::SignRequest {
+                key,
+                profile,
+                request,
+            } => self.sign_request(who, &key, &profile, &request).await,
             Op::Status {} => self.status(),
             Op::Lock { key, all, reason } => {
                 self.require_admin(who)?;
@@ -366,7 +397,9 @@ impl State {
         })
     }
 
-    async fn sign(&self, key: &KeyName, data: &str, scheme: Option<&str>) -> Result<Value> {
+    /// The key, if it may sign at all right now: present, enabled, unlocked, loaded. The lock
+    /// check comes first among the policy steps so a locked key answers in microseconds.
+    fn usable(&self, key: &KeyName) -> Result<Arc<Served>> {
         let s = self.served(key)?;
         if s.meta.disabled {
             return Err(Error::KeyDisabled(key.to_string()));
@@ -375,16 +408,113 @@ impl State {
         if let Some(e) = &s.load_error {
             return Err(Error::BackendUnavailable(e.clone()));
         }
-        let alg = scheme_for(&s, scheme)?;
-        let msg = STANDARD
-            .decode(data)
-            .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
+        Ok(s)
+    }
+
+    /// Identity, policy rules, then (when `now_ms` is given) rate limits, failing fast. A
+    /// denial counts towards the key's `lock_after_denials` and may lock it.
+    fn admit(
+        &self,
+        who: &ClientIdentity,
+        key: &KeyName,
+        s: &Served,
+        ask: &Ask<'_>,
+        // Some: take rate tokens at this time (the final check); None: rules only.
+        now_ms: Option<u64>,
+    ) -> Result<Arc<Snapshot>> {
+        let snap = self.gate.snapshot();
+        let client = snap.identify(&peer(who))?;
+        let facts = KeyFacts {
+            name: key,
+            env: s.meta.env,
+            bound_profiles: &s.meta.profiles,
+        };
+        if let Err(e) = snap.check(&client, &facts, ask) {
+            if let Some(lock) = self.gate.record_denial(&snap, key) {
+                let locked = self.with_locks(|l| {
+                    l.lock(Some(&lock.key), Some(lock.reason.clone()), self.agent_uid)
+                });
+                match locked {
+                    Ok(()) => tracing::warn!(key = %key, reason = %lock.reason, "key locked"),
+                    Err(le) => {
+                        tracing::error!(key = %key, code = le.code(), "auto-lock failed: {le}")
+                    }
+                }
+            }
+            return Err(e);
+        }
+        if let Some(now) = now_ms {
+            snap.take_rate(&self.gate, &client, key, now)?;
+        }
+        Ok(snap)
+    }
+
+    /// `sign_request`: the profile builds the exact bytes (agent clock, per-key nonces), the
+    /// backend signs them, the profile encodes the exchange's headers.
+    async fn sign_request(
+        &self,
+        who: &ClientIdentity,
+        key: &KeyName,
+        profile: &str,
+        request: &Value,
+    ) -> Result<Value> {
+        let s = self.usable(key)?;
+        let profile: ProfileName = profile.parse()?;
+        // Who may use which profile is judged before the request is parsed: a key bound to
+        // binance answers a kraken request with the rule, not with kraken's schema errors.
+        self.admit(
+            who,
+            key,
+            &s,
+            &Ask::Profile(profile, &Default::default()),
+            None,
+        )?;
+        let parsed = profile::parse(profile, request)?;
+        let now = now_ms();
+        let snap = self.admit(
+            who,
+            key,
+            &s,
+            &Ask::Profile(profile, &parsed.view),
+            Some(now),
+        )?;
+        let info = profile::KeyInfo {
+            key_type: Some(s.meta.key_type),
+            api_key: s.meta.api_key.clone(),
+            passphrase: None,
+            address: s.address.clone().or_else(|| s.meta.address.clone()),
+        };
+        // The clock borrows a non-Send closure: keep it out of the await below.
+        let mut plan = {
+            let mut nonces = |t: u64| self.gate.next_nonce(key, t);
+            let mut clock = Clock {
+                now_ms: now,
+                client_time: snap.client_time(key),
+                nonces: &mut nonces,
+            };
+            parsed.build(&info, &mut clock)?
+        };
+        if !s.meta.key_type.supports(plan.alg) {
+            return Err(profile::unsupported_key(profile, s.meta.key_type));
+        }
+        let msg = std::mem::take(&mut plan.message);
+        let sig = self.run_sign(&s, plan.alg, msg).await?;
+        Ok(plan.finish(&sig)?.into_value())
+    }
+
+    /// Signs on the key's backend: inline when the backend is fast, else on the worker pool,
+    /// bounded by the backend's device timeout.
+    async fn run_sign(
+        &self,
+        s: &Served,
+        alg: Algorithm,
+        msg: Vec<u8>,
+    ) -> Result<keyward::backend::Signature> {
         let backend = s.backend.clone();
         let key_ref = s.current.clone();
         let sig = if backend.is_fast(alg) {
             backend.sign(&key_ref, alg, &msg)?
         } else {
-            let msg = msg.clone();
             let limit = backend.timeout();
             let job = self.pool.run(move || backend.sign(&key_ref, alg, &msg));
             match limit {
@@ -399,6 +529,23 @@ impl State {
                 None => job.await?,
             }
         };
+        Ok(sig)
+    }
+
+    async fn sign(
+        &self,
+        who: &ClientIdentity,
+        key: &KeyName,
+        data: &str,
+        scheme: Option<&str>,
+    ) -> Result<Value> {
+        let s = self.usable(key)?;
+        self.admit(who, key, &s, &Ask::Raw, Some(now_ms()))?;
+        let alg = scheme_for(&s, scheme)?;
+        let msg = STANDARD
+            .decode(data)
+            .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
+        let sig = self.run_sign(&s, alg, msg).await?;
         let (signature, digest) = match sig.recovery_id {
             Some(rid) => {
                 let mut b = sig.bytes;
@@ -501,6 +648,22 @@ fn scheme_for(s: &Served, scheme: Option<&str>) -> Result<Algorithm> {
             s.meta.name, s.meta.key_type
         )))
     }
+}
+
+/// The policy's view of a connected peer.
+fn peer(who: &ClientIdentity) -> Peer {
+    Peer {
+        uid: who.uid,
+        gid: who.gid,
+        exe: who.exe.clone(),
+        token_sha256: who.token_sha256.get().copied(),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value> {

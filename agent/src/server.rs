@@ -147,6 +147,7 @@ fn identify(stream: &UnixStream) -> Option<ClientIdentity> {
         gid: cred.gid(),
         pid,
         exe,
+        token_sha256: Default::default(),
     })
 }
 
@@ -156,7 +157,7 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
         return;
     };
     let (mut rd, mut wr) = stream.into_split();
-    if !state.admits(who.uid) {
+    if !state.admits(who.uid, who.gid) {
         tracing::warn!(uid = who.uid, pid = ?who.pid, exe = ?who.exe, "refused connection from another user");
         let id = match tokio::time::timeout(UNAUTHORIZED_GRACE, frame::read_async(&mut rd)).await {
             Ok(Ok(Some(body))) => peek_id(&body),

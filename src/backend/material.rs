@@ -40,6 +40,14 @@ impl SecretKeyMaterial {
         self.bytes.expose()
     }
 
+    /// HMAC key bytes already decoded by a profile's rule (Kraken base64, Polymarket base64url).
+    pub fn hmac(key_type: KeyType, bytes: SecretBytes) -> Result<SecretKeyMaterial> {
+        if !key_type.is_hmac() || bytes.expose().is_empty() {
+            return Err(bad("an HMAC key needs an HMAC type and a non-empty secret"));
+        }
+        Ok(SecretKeyMaterial::new(key_type, bytes))
+    }
+
     pub(crate) fn new(key_type: KeyType, bytes: SecretBytes) -> SecretKeyMaterial {
         SecretKeyMaterial { key_type, bytes }
     }

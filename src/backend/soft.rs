@@ -115,6 +115,29 @@ impl SoftKey {
     }
 }
 
+/// A key held in memory only, for the offline `keyward profile sign` (no home, no agent).
+pub struct MemoryKey {
+    key: SoftKey,
+    key_type: KeyType,
+}
+
+impl MemoryKey {
+    pub fn from_material(m: &SecretKeyMaterial) -> Result<MemoryKey> {
+        Ok(MemoryKey {
+            key: SoftKey::from_material(m)?,
+            key_type: m.key_type(),
+        })
+    }
+
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+
+    pub fn sign(&self, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
+        self.key.sign(alg, msg)
+    }
+}
+
 fn mismatch(alg: Algorithm) -> Error {
     Error::BadRequest(format!("scheme {alg} does not fit this key's type"))
 }

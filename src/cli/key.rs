@@ -105,6 +105,18 @@ pub struct Common {
     /// The exchange's API key id for this secret (sent in headers by profiles).
     #[arg(long, value_name = "ID")]
     api_key: Option<String>,
+    /// Bind the key to this exchange profile (repeatable). An HMAC secret is decoded the way
+    /// the profile's exchange issues it (Kraken: base64, Polymarket: base64url).
+    #[arg(long = "profile", value_name = "PROFILE", value_parser = parse_profile)]
+    profiles: Vec<String>,
+    /// Address profiles send beside the key (Polymarket L2 `POLY_ADDRESS`).
+    #[arg(long, value_name = "0x…")]
+    address: Option<String>,
+}
+
+fn parse_profile(s: &str) -> Result<String> {
+    s.parse::<keyward::profile::ProfileName>()
+        .map(|p| p.as_str().to_string())
 }
 
 pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
@@ -175,7 +187,7 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                     .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
                 read_secret(f, MAX_KEY_INPUT)?
             };
-            let m = material::parse(input, key_type)?;
+            let m = decode_for_profiles(material::parse(input, key_type)?, &common.profiles)?;
             let spec = KeySpec {
                 name: name.clone(),
                 version: 1,
@@ -235,6 +247,8 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                 token: Some(token),
                 env,
                 api_key,
+                profiles: Vec::new(),
+                address: None,
             };
             // Adopted objects belong to whoever made them: never delete them on failure.
             let meta = write_meta(&store, &spec, &NewKey { key_ref, public }, &common)?;
@@ -481,6 +495,36 @@ fn prepare_new(store: &Keystore, name: &KeyName) -> Result<()> {
     Ok(())
 }
 
+/// An HMAC secret bound to Kraken or Polymarket is stored as the key bytes their scheme uses
+/// (the secret string is base64 / base64url of them); other material is kept as parsed.
+fn decode_for_profiles(
+    m: material::SecretKeyMaterial,
+    profiles: &[String],
+) -> Result<material::SecretKeyMaterial> {
+    use keyward::profile::{HmacKeyEncoding, ProfileName};
+    if !m.key_type().is_hmac() {
+        return Ok(m);
+    }
+    let decoding: Vec<ProfileName> = profiles
+        .iter()
+        .filter_map(|p| p.parse::<ProfileName>().ok())
+        .filter(|p| p.hmac_key_encoding() != HmacKeyEncoding::Raw)
+        .collect();
+    match decoding.as_slice() {
+        [] => Ok(m),
+        [p] => {
+            let bytes = keyward::profile::offline::decode_hmac_secret(
+                *p,
+                keyward::secret::SecretBytes::from_slice(m.expose()),
+            )?;
+            material::SecretKeyMaterial::hmac(m.key_type(), bytes)
+        }
+        _ => Err(Error::BadRequest(
+            "an HMAC secret can be bound to only one of kraken and polymarket (their secrets are encoded differently)".into(),
+        )),
+    }
+}
+
 /// Write the metadata (the commit point). If that fails, remove the material just made.
 fn commit(
     store: &Keystore,
@@ -505,8 +549,9 @@ fn write_meta(store: &Keystore, spec: &KeySpec, nk: &NewKey, common: &Common) ->
         created: now.clone(),
         current: spec.version,
         disabled: false,
-        profiles: Vec::new(),
+        profiles: common.profiles.clone(),
         api_key: common.api_key.clone(),
+        address: common.address.clone(),
         versions: vec![KeyVersion {
             version: spec.version,
             locator: nk.key_ref.locator.clone(),
@@ -545,6 +590,8 @@ fn meta_json(m: &KeyMeta) -> serde_json::Value {
         "disabled": m.disabled,
         "created": m.created,
         "api_key": m.api_key,
+        "profiles": m.profiles,
+        "address": m.address,
         "versions": m.versions.iter().map(|v| json!({"version": v.version, "created": v.created, "fingerprint": v.fingerprint})).collect::<Vec<_>>(),
     })
 }

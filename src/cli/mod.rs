@@ -4,8 +4,11 @@
 mod admin;
 mod agent;
 mod bench;
+mod client;
 mod init;
 mod key;
+mod policy;
+mod profile;
 mod sign;
 mod testenv;
 mod token;
@@ -53,6 +56,9 @@ enum Command {
     Key(key::KeyCmd),
     /// Sign raw bytes through the agent.
     Sign(sign::SignArgs),
+    /// Offline profile signing with a key file (no agent), and the profile names.
+    #[command(subcommand)]
+    Profile(profile::ProfileCmd),
     /// List or initialise PKCS#11 tokens.
     #[command(subcommand)]
     Token(token::TokenCmd),
@@ -62,6 +68,12 @@ enum Command {
     Unlock(admin::UnlockArgs),
     /// Make the agent re-read keyward.toml and the keys.
     Reload,
+    /// Validate the policy, or explain a decision, offline.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Add a client rule (uid/gid, exe, token) to keyward.toml.
+    #[command(subcommand)]
+    Client(client::ClientCmd),
     /// Measure signing throughput and latency through the agent.
     Bench(bench::BenchArgs),
     /// Start or stop a throw-away SoftHSM-backed agent for test suites.
@@ -160,6 +172,8 @@ pub fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    // `profile sign` is for scripts and always reports errors as JSON.
+    let json_errors = cli.json || matches!(cli.command, Command::Profile(_));
     let ctx = Ctx {
         home: cli.home,
         json: cli.json,
@@ -170,10 +184,13 @@ pub fn main() -> ExitCode {
         Command::Status => admin::status(&ctx),
         Command::Key(k) => key::run(&ctx, k),
         Command::Sign(a) => sign::run(&ctx, a),
+        Command::Profile(p) => profile::run(&ctx, p),
         Command::Token(t) => token::run(&ctx, t),
         Command::Lock(a) => admin::lock(&ctx, a),
         Command::Unlock(a) => admin::unlock(&ctx, a),
         Command::Reload => admin::reload(&ctx),
+        Command::Policy(p) => policy::run(&ctx, p),
+        Command::Client(c) => client::run(&ctx, c),
         Command::Bench(a) => match Home::resolve(ctx.home.as_deref()) {
             Ok(home) => bench::run(&a, &home, ctx.json),
             Err(e) => Err(e),
@@ -192,7 +209,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            report(&e, ctx.json);
+            report(&e, json_errors);
             ExitCode::from(1)
         }
     }

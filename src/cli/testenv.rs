@@ -305,6 +305,7 @@ fn build(
                 timeout_ms: 2000,
             },
         )]),
+        ..Config::default()
     };
     let text = toml::to_string_pretty(&config)
         .map_err(|e| Error::Internal(format!("writing keyward.toml: {e}")))?;

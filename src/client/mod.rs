@@ -147,6 +147,15 @@ impl Client {
         self.call_typed(&sign_op(key, data, scheme))
     }
 
+    /// Sign an exchange request with a profile; returns the profile's output object.
+    pub fn sign_request(&mut self, key: &KeyName, profile: &str, request: Value) -> Result<Value> {
+        self.call(&Op::SignRequest {
+            key: key.clone(),
+            profile: profile.to_string(),
+            request,
+        })
+    }
+
     pub fn status(&mut self) -> Result<StatusResult> {
         self.call_typed(&Op::Status {})
     }

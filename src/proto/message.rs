@@ -36,6 +36,13 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scheme: Option<String>,
     },
+    /// Sign an exchange request with a profile (PROFILES.md); the result is the profile's
+    /// output object (`signature`, `headers`, …).
+    SignRequest {
+        key: KeyName,
+        profile: String,
+        request: Value,
+    },
     Status {},
     Lock {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +68,7 @@ impl Op {
             Op::ListKeys {} => "list_keys",
             Op::PublicKey { .. } => "public_key",
             Op::Sign { .. } => "sign",
+            Op::SignRequest { .. } => "sign_request",
             Op::Status {} => "status",
             Op::Lock { .. } => "lock",
             Op::Unlock { .. } => "unlock",
@@ -129,7 +137,7 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Rejected> {
 }
 
 fn check_text_lengths(map: &Map<String, Value>) -> Result<(), String> {
-    for field in ["token", "reason", "scheme", "format"] {
+    for field in ["token", "reason", "scheme", "format", "profile"] {
         if let Some(Value::String(s)) = map.get(field) {
             if s.len() > MAX_TEXT {
                 return Err(format!("field `{field}` is longer than {MAX_TEXT} bytes"));
