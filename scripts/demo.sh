@@ -232,6 +232,52 @@ say "the generated HMAC key signs too (same secret, either digest):"
 kw sign --key demo-hmac --scheme hmac-sha512 --encoding hex --file "$Q_FILE" | indent
 
 # ----------------------------------------------------------------------------------------------
+section "Sign a Binance order with the binance profile, under a policy"
+# ----------------------------------------------------------------------------------------------
+say "Bind the same secret to the binance profile: the agent then builds the exact query Binance"
+say "expects (its own clock sets the timestamp) and refuses anything the policy does not allow."
+printf '%s' "$EX_SECRET" | kw key import binance-main --type hmac-sha256 --profile binance \
+    --api-key demo-api-key-id | indent
+cat >>"$H/keyward.toml" <<'TOML'
+
+[keys.binance-main]
+methods = ["GET", "POST", "DELETE"]
+allow_paths = ["/api/v3/*"]
+guards = { symbols = ["LTCBTC", "BTCUSDT"], max_quantity = "5" }
+TOML
+say "policy added to keyward.toml:"
+sed -n '/^\[keys.binance-main\]/,$p' "$H/keyward.toml" | indent
+kw policy check | indent
+kw reload | indent
+ORDER_Q='symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1'
+show_cmd sign --key binance-main --profile binance --method POST --path /api/v3/order --query "$ORDER_Q"
+OUT=$(kwq --json sign --key binance-main --profile binance --method POST --path /api/v3/order --query "$ORDER_Q")
+printf '%s\n' "$OUT" | indent
+PAYLOAD=$(printf '%s' "$OUT" | json_field payload)
+PSIG=$(printf '%s' "$OUT" | json_field signature)
+case "$PAYLOAD" in
+"$ORDER_Q&timestamp="*) ;;
+*) fail "unexpected payload: $PAYLOAD" ;;
+esac
+OSSL_PSIG=$(printf '%s' "$PAYLOAD" | openssl dgst -sha256 -hmac "$EX_SECRET" -r | cut -d' ' -f1)
+[ "$PSIG" = "$OSSL_PSIG" ] || fail "profile signature $PSIG differs from openssl's $OSSL_PSIG"
+ok "the signature is HMAC-SHA256 of the exact query sent, as openssl computes it"
+kw sign --key binance-main --profile binance --method POST --path /api/v3/order --query "$ORDER_Q" \
+    --curl https://api.binance.com | indent
+for denied in "--path /sapi/v1/capital/withdraw/apply --query coin=BTC&amount=1" \
+    "--path /api/v3/order --query symbol=LTCBTC&side=BUY&quantity=50"; do
+    # shellcheck disable=SC2086 # the two arguments are split on purpose
+    show_cmd sign --key binance-main --profile binance --method POST $denied
+    # shellcheck disable=SC2086
+    if err=$(kwq sign --key binance-main --profile binance --method POST $denied 2>&1); then
+        fail "the policy allowed: $denied"
+    fi
+    printf '%s\n' "$err" | indent
+    printf '%s' "$err" | grep -q 'error\[policy_denied\]: rule' || fail "expected policy_denied, got: $err"
+done
+ok "a withdrawal and an order over the quantity guard are refused, each naming its rule"
+
+# ----------------------------------------------------------------------------------------------
 section "Emergency lock"
 # ----------------------------------------------------------------------------------------------
 kw lock --key demo-ed25519 --reason "demo: suspected leak" | indent

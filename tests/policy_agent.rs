@@ -545,3 +545,77 @@ fn policy_explain_names_each_rule_offline() {
     ]);
     assert_eq!(raw.json()["denied_by"], "raw");
 }
+
+/// Kraken's published example secret (docs.kraken.com, spot REST authentication).
+const KRAKEN_SECRET: &[u8] =
+    b"kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
+
+#[test]
+fn nonces_increase_per_key_and_survive_a_restart() {
+    let h = TestHome::new();
+    let out = h.run_stdin(
+        &["key", "import", "kr", "--type", "hmac-sha512", "--profile", "kraken", "--api-key", "kraken-key-id"],
+        KRAKEN_SECRET,
+    );
+    assert!(out.success(), "{out}");
+    let agent = h.agent();
+    let req = || json!({"path": "/0/private/AddOrder", "body": "ordertype=limit&pair=XBTUSD&price=37500&type=buy&volume=1.25"});
+    let mut c = agent.client();
+    // Pipelined on one connection and from a second one: never a repeated nonce.
+    let ids: Vec<u64> = (0..50)
+        .map(|_| {
+            c.send(&Op::SignRequest { key: key_name("kr"), profile: "kraken".into(), request: req() })
+                .expect("send")
+        })
+        .collect();
+    let mut c2 = agent.client();
+    let mut nonces: Vec<u64> = (0..50)
+        .map(|_| {
+            sign_req(&mut c2, "kr", "kraken", req()).expect("signed")["nonce"]
+                .as_u64()
+                .expect("nonce")
+        })
+        .collect();
+    for id in ids {
+        let v = c.wait(id).expect("signed");
+        let n = v["nonce"].as_u64().expect("nonce");
+        assert_eq!(v["body"], format!("nonce={n}&ordertype=limit&pair=XBTUSD&price=37500&type=buy&volume=1.25"));
+        assert_eq!(v["headers"]["API-Key"], "kraken-key-id");
+        nonces.push(n);
+    }
+    let highest = *nonces.iter().max().expect("nonces");
+    nonces.sort_unstable();
+    nonces.dedup();
+    assert_eq!(nonces.len(), 100, "a nonce was handed out twice");
+    drop((c, c2));
+    agent.stop();
+    let agent = h.agent();
+    let after = sign_req(&mut agent.client(), "kr", "kraken", req()).expect("signed")["nonce"]
+        .as_u64()
+        .expect("nonce");
+    assert!(after > highest, "nonce {after} after restart is not above {highest}");
+    // A client-chosen nonce is refused without client_timestamp_skew_ms.
+    let mut with_nonce = req();
+    with_nonce["nonce"] = json!(after + 10);
+    assert_eq!(code(sign_req(&mut agent.client(), "kr", "kraken", with_nonce)), "bad_request");
+}
+
+#[test]
+fn client_timestamps_are_accepted_only_within_the_configured_skew() {
+    let h = TestHome::new();
+    import_binance(&h, "bn");
+    append_config(&h, "[keys.bn]\nclient_timestamp_skew_ms = 5000\n");
+    let agent = h.agent();
+    let mut c = agent.client();
+    let with_ts = |ts: u64| {
+        let mut r = json!({"method": "GET", "path": "/api/v3/account"});
+        r["timestamp"] = json!(ts);
+        r
+    };
+    let near = now_ms() - 1000;
+    let out = sign_req(&mut c, "bn", "binance", with_ts(near)).expect("within the window");
+    assert_eq!(out["timestamp"], near);
+    assert!(out["payload"].as_str().expect("payload").ends_with(&format!("timestamp={near}")));
+    assert_eq!(code(sign_req(&mut c, "bn", "binance", with_ts(now_ms() + 60_000))), "bad_request");
+    assert_eq!(code(sign_req(&mut c, "bn", "binance", with_ts(now_ms() - 60_000))), "bad_request");
+}

@@ -74,7 +74,26 @@ pub fn bound_field(
 
 /// serde's message, cut to a sane length (it names the field and the expected type).
 pub fn serde_message(e: &serde_json::Error) -> String {
-    truncate(&e.to_string(), 200)
+    truncate(&redact_quoted_values(&e.to_string()), 200)
+}
+
+/// serde quotes a mistyped value (`invalid type: string "…", expected u64`); a request may hold
+/// credentials (`passphrase`), so the quoted text is dropped and only its kind kept.
+fn redact_quoted_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i + "string".len()]);
+        let after = &rest[i + "string \"".len()..];
+        // The quoted text ends at the last `"` before the next `, expected` (it may itself
+        // contain quotes); without one, drop the remainder.
+        match after.find("\", expected").or_else(|| after.rfind('"')) {
+            Some(end) => rest = &after[end + 1..],
+            None => rest = "",
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// At most `max` characters of `s`, marked when cut (for messages).
@@ -235,6 +254,19 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serde_messages_do_not_quote_values() {
+        let e = serde_json::from_str::<u64>("\"my-secret-passphrase\"").unwrap_err();
+        let m = serde_message(&e);
+        assert!(!m.contains("my-secret"), "{m}");
+        assert!(m.contains("invalid type: string, expected u64"), "{m}");
+        assert_eq!(redact_quoted_values("no quotes here"), "no quotes here");
+        assert_eq!(
+            redact_quoted_values("invalid value: string \"a\"b\", expected x"),
+            "invalid value: string, expected x"
+        );
+    }
 
     #[test]
     fn method_and_path_rules() {
