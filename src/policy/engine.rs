@@ -695,16 +695,13 @@ mod tests {
     use super::*;
     use crate::profile::OrderView;
 
-    fn policy(toml_text: &str) -> Policy {
-        #[derive(serde::Deserialize)]
-        struct T {
-            #[serde(default)]
-            clients: BTreeMap<String, ClientRule>,
-            #[serde(default)]
-            keys: BTreeMap<String, KeyPolicy>,
-        }
-        let t: T = toml::from_str(toml_text).unwrap();
-        Policy::compile(&t.clients, &t.keys, 1000).unwrap()
+    /// A policy from keyward.toml text (the config's own parser and validation).
+    fn compiled(text: &str) -> Result<Policy> {
+        crate::config::Config::parse(text, std::path::Path::new("k.toml"))?.policy(1000)
+    }
+
+    fn policy(text: &str) -> Policy {
+        compiled(text).unwrap()
     }
 
     fn view(method: &str, path: &str) -> RequestView {
@@ -925,20 +922,7 @@ guards = { symbols = ["BTCUSDT"], max_quantity = "5", max_notional = "1000" }
 
     #[test]
     fn invalid_policies_are_config_errors() {
-        let bad = |t: &str| {
-            #[derive(serde::Deserialize)]
-            struct T {
-                #[serde(default)]
-                clients: BTreeMap<String, ClientRule>,
-                #[serde(default)]
-                keys: BTreeMap<String, KeyPolicy>,
-            }
-            let t: T = toml::from_str(t).unwrap();
-            Policy::compile(&t.clients, &t.keys, 1000)
-                .err()
-                .map(|e| e.code())
-                .unwrap_or("ok")
-        };
+        let bad = |t: &str| compiled(t).err().map(|e| e.code()).unwrap_or("ok");
         assert_eq!(bad("[clients.a]\nexe = [\"/x\"]\n"), "config");
         assert_eq!(bad("[keys.k]\nclients = [\"nobody\"]\n"), "config");
         assert_eq!(bad("[keys.k]\nprofiles = [\"ftx\"]\n"), "config");
