@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::util::{self, bound_field, check_method, check_path};
-use super::{unsupported_key, Clock, KeyInfo, OrderView, Output, Plan, ProfileName, RequestView};
+use super::util::{self, bound_field, required_field};
+use super::{unsupported_key, Clock, KeyInfo, Output, Plan, ProfileName, RequestView};
 use crate::backend::Signature;
 use crate::error::{Error, Result};
 use crate::model::{Algorithm, KeyType};
@@ -16,6 +16,8 @@ use crate::model::{Algorithm, KeyType};
 const REST_FORBIDDEN: [&str; 3] = ["timestamp", "recvWindow", "signature"];
 const WS_FORBIDDEN: [&str; 4] = ["apiKey", "timestamp", "recvWindow", "signature"];
 const MAX_RECV_WINDOW: u64 = 60_000;
+/// Order fields as Binance names them (REST and WS alike): symbol, quantity, price.
+const ORDER_FIELDS: [&str; 3] = ["symbol", "quantity", "price"];
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,10 +93,11 @@ impl Request {
             .path
             .as_deref()
             .ok_or_else(|| Error::BadRequest("`path` is required".into()))?;
-        check_method(method)?;
-        check_path(path)?;
         let query = self.query.as_deref().unwrap_or("");
         let body = self.body.as_deref().unwrap_or("");
+        let mut pairs = util::parse_form(query);
+        pairs.extend(util::parse_form(body));
+        let view = util::http_view(method, path, body, util::form_order(&pairs, ORDER_FIELDS))?;
         for (field, text) in [("query", query), ("body", body)] {
             if let Some(name) = util::forbidden_form_param(text, &REST_FORBIDDEN) {
                 return Err(Error::BadRequest(format!(
@@ -102,25 +105,7 @@ impl Request {
                 )));
             }
         }
-        let mut pairs = util::parse_form(query);
-        pairs.extend(util::parse_form(body));
-        let order = OrderView {
-            symbol: util::form_value(&pairs, "symbol"),
-            quantity: util::form_value(&pairs, "quantity"),
-            price: util::form_value(&pairs, "price"),
-        };
-        let orders = if order == OrderView::default() {
-            Vec::new()
-        } else {
-            vec![order]
-        };
-        Ok(RequestView {
-            method: Some(method.to_string()),
-            path: Some(path.to_string()),
-            body_len: body.len(),
-            orders,
-            typed_data: None,
-        })
+        Ok(view)
     }
 
     fn view_ws(&self) -> Result<RequestView> {
@@ -149,21 +134,11 @@ impl Request {
             }
             param_text(name, value)?;
         }
-        let order = OrderView {
-            symbol: util::json_text(params.get("symbol")),
-            quantity: util::json_text(params.get("quantity")),
-            price: util::json_text(params.get("price")),
-        };
-        let orders = if order == OrderView::default() {
-            Vec::new()
-        } else {
-            vec![order]
-        };
         Ok(RequestView {
             method: None,
             path: None,
             body_len: serde_json::to_string(params).map_or(0, |s| s.len()),
-            orders,
+            orders: util::json_order(params, ORDER_FIELDS).into_iter().collect(),
             typed_data: None,
         })
     }
@@ -232,13 +207,7 @@ impl Request {
         alg: Algorithm,
         encoding: Encoding,
     ) -> Result<Plan> {
-        let api_key = bound_field(
-            "api_key",
-            self.api_key.as_deref(),
-            key.api_key.as_deref(),
-            true,
-        )?
-        .unwrap_or_default();
+        let api_key = required_field("api_key", self.api_key.as_deref(), key.api_key.as_deref())?;
         let ts = clock.timestamp_ms("timestamp", self.timestamp)?;
         // BTreeMap<String, _> orders keys byte-wise, which is Binance's "sort by name".
         let mut sorted: BTreeMap<String, Value> =
@@ -316,13 +285,11 @@ fn param_text(name: &str, value: &Value) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use base64::Engine;
-    use rsa::pkcs8::DecodePrivateKey;
-    use rsa::signature::Verifier;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::super::util::test_keys::*;
     use super::super::util::test_support::*;
-    use super::super::{parse, ClientTime, ProfileName};
+    use super::super::ProfileName;
     use crate::model::KeyType;
 
     const P: ProfileName = ProfileName::Binance;
@@ -335,19 +302,36 @@ mod tests {
         hmac(SECRET, KeyType::HmacSha256)
     }
 
+    /// A POST /api/v3/order of the request-security doc (its recvWindow and timestamp) with
+    /// `fields` added, signed with the doc's HMAC key.
+    fn sign_docs_order(fields: Value) -> Value {
+        let mut req = json!({
+            "method": "POST", "path": "/api/v3/order",
+            "recv_window": 5000, "timestamp": 1499827319559u64
+        });
+        for (name, value) in fields.as_object().unwrap() {
+            req[name] = value.clone();
+        }
+        run(P, &req, &hmac_key())
+    }
+
+    /// The python-binance order, whose signatures it publishes for its Ed25519 and RSA keys.
+    fn python_binance_order() -> Value {
+        json!({
+            "method": "POST", "path": "/api/v3/order",
+            "query": "price=50000&quantity=1&side=BUY&symbol=BTCUSDT",
+            "body": "&type=LIMIT", "timestamp": 1631234567890u64
+        })
+    }
+
     // Source: Binance REST request-security doc, HMAC example 1 (all parameters in the query
     // string): signature c8db5682…6b71.
     #[test]
     fn kat_rest_hmac_query_string() {
-        let out = run(
-            P,
-            &json!({
-                "method": "POST", "path": "/api/v3/order",
-                "query": "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1",
-                "recv_window": 5000, "timestamp": 1499827319559u64, "api_key": API_KEY
-            }),
-            &hmac_key(),
-        );
+        let out = sign_docs_order(json!({
+            "query": "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1",
+            "api_key": API_KEY
+        }));
         let sig = "c8db56825ae71d6d79447849e617115f4a920fa2acdcab2b053c4b2838bd6b71";
         let signed = "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1&recvWindow=5000&timestamp=1499827319559";
         assert_eq!(
@@ -366,15 +350,10 @@ mod tests {
     // Same doc, legacy example 2 (all parameters in the request body): same signature.
     #[test]
     fn kat_rest_hmac_body() {
-        let out = run(
-            P,
-            &json!({
-                "method": "POST", "path": "/api/v3/order",
-                "body": "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1",
-                "append_to": "body", "recv_window": 5000, "timestamp": 1499827319559u64
-            }),
-            &hmac_key(),
-        );
+        let out = sign_docs_order(json!({
+            "body": "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1",
+            "append_to": "body"
+        }));
         assert_eq!(
             out["signature"],
             "c8db56825ae71d6d79447849e617115f4a920fa2acdcab2b053c4b2838bd6b71"
@@ -390,16 +369,10 @@ mod tests {
     // signature 0fd168b8…9a77.
     #[test]
     fn kat_rest_hmac_mixed() {
-        let out = run(
-            P,
-            &json!({
-                "method": "POST", "path": "/api/v3/order",
-                "query": "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC",
-                "body": "quantity=1&price=0.1", "append_to": "body",
-                "recv_window": 5000, "timestamp": 1499827319559u64
-            }),
-            &hmac_key(),
-        );
+        let out = sign_docs_order(json!({
+            "query": "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC",
+            "body": "quantity=1&price=0.1", "append_to": "body"
+        }));
         assert_eq!(
             out["payload"],
             "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTCquantity=1&price=0.1&recvWindow=5000&timestamp=1499827319559"
@@ -414,15 +387,9 @@ mod tests {
     // signature e1353ec6…3ef3.
     #[test]
     fn kat_rest_hmac_non_ascii() {
-        let out = run(
-            P,
-            &json!({
-                "method": "POST", "path": "/api/v3/order",
-                "query": "symbol=１２３４５６&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1",
-                "recv_window": 5000, "timestamp": 1499827319559u64
-            }),
-            &hmac_key(),
-        );
+        let out = sign_docs_order(json!({
+            "query": "symbol=１２３４５６&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1"
+        }));
         assert_eq!(
             out["payload"],
             "symbol=%EF%BC%91%EF%BC%92%EF%BC%93%EF%BC%94%EF%BC%95%EF%BC%96&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1&recvWindow=5000&timestamp=1499827319559"
@@ -457,10 +424,9 @@ mod tests {
         );
         assert_eq!(out["signature"], sig);
         assert_eq!(out["headers"], json!({}));
-        let params = out["params"].as_object().unwrap();
-        let names: Vec<&str> = params.keys().map(String::as_str).collect();
+        let params = &out["params"];
         assert_eq!(
-            names,
+            field_names(params),
             [
                 "apiKey",
                 "newOrderRespType",
@@ -486,15 +452,7 @@ mod tests {
     // query and passing `&type=LIMIT` as the body, which Binance concatenates without separator.
     #[test]
     fn kat_rest_ed25519() {
-        let out = run(
-            P,
-            &json!({
-                "method": "POST", "path": "/api/v3/order",
-                "query": "price=50000&quantity=1&side=BUY&symbol=BTCUSDT",
-                "body": "&type=LIMIT", "timestamp": 1631234567890u64
-            }),
-            &pem(ED25519_PKCS8),
-        );
+        let out = run(P, &python_binance_order(), &pem(ED25519_PKCS8));
         assert_eq!(
             out["payload"],
             "price=50000&quantity=1&side=BUY&symbol=BTCUSDT&timestamp=1631234567890&type=LIMIT"
@@ -512,15 +470,7 @@ mod tests {
     // private key" (decrypted, see test_keys): RSASSA-PKCS1-v1_5/SHA-256, signature S4l9IONX….
     #[test]
     fn kat_rest_rsa() {
-        let out = run(
-            P,
-            &json!({
-                "method": "POST", "path": "/api/v3/order",
-                "query": "price=50000&quantity=1&side=BUY&symbol=BTCUSDT",
-                "body": "&type=LIMIT", "timestamp": 1631234567890u64
-            }),
-            &pem(RSA_2048_PKCS8),
-        );
+        let out = run(P, &python_binance_order(), &pem(RSA_2048_PKCS8));
         let sig = "S4l9IONXGHIdt4NjwmpCIhawDTitjUQls73d+mi0HJTSbTGyn95NabX5hC9+n6HsTqLcWPvxKgTvLFMnTaf6Jxl+xwQMbu9/6mw88KF7i1pEQizerKcr91rPUPVBQ4OY10Q018QEamIAymRgo/eoRYSm7CqCdeibGyO0XfXZBaJnVGFJ9hgrPIwSKHgeUnfK8qMenULvL0qKMEJ6ziYPiqh7k9xX3xIV7lGIpokk+ekqlFd01f/Lov45osJCFuccJO4xuUUZewZnVGF7Uw6Rim3UsKhXKZUN9WZWa5RT+dpBIJ5DTBIXBSvowwj3GZC3j+XvWw8Sn0Ls9836l89BXw==";
         assert_eq!(out["signature"], sig);
         let q = out["query"].as_str().unwrap();
@@ -531,14 +481,11 @@ mod tests {
                 .replace('=', "%3D")
         )));
         // And the public key verifies it (independent check of the padding).
-        let sk = rsa::RsaPrivateKey::from_pkcs8_pem(RSA_2048_PKCS8).unwrap();
-        let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(sk.to_public_key());
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(sig)
-            .unwrap();
-        let s = rsa::pkcs1v15::Signature::try_from(raw.as_slice()).unwrap();
-        vk.verify(out["payload"].as_str().unwrap().as_bytes(), &s)
-            .unwrap();
+        verify_rsa_pkcs1v15(
+            RSA_2048_PKCS8,
+            out["payload"].as_str().unwrap().as_bytes(),
+            sig,
+        );
     }
 
     // WS mode with Ed25519: base64 stays raw in JSON params (no URL-encoding); non-ASCII raw.
@@ -585,25 +532,23 @@ mod tests {
 
     #[test]
     fn orders_for_guards() {
-        let v = parse(
+        let v = view(
             P,
             &json!({"method": "POST", "path": "/api/v3/order",
                     "query": "symbol=%EF%BC%91&side=BUY", "body": "quantity=0.5&price=100.10"}),
-        )
-        .unwrap();
-        assert_eq!(v.view.orders.len(), 1);
-        assert_eq!(v.view.orders[0].symbol.as_deref(), Some("１"));
-        assert_eq!(v.view.orders[0].quantity.as_deref(), Some("0.5"));
-        assert_eq!(v.view.orders[0].price.as_deref(), Some("100.10"));
-        let v = parse(P, &json!({"method": "GET", "path": "/api/v3/account"})).unwrap();
-        assert!(v.view.orders.is_empty());
-        let v = parse(
+        );
+        assert_eq!(v.orders.len(), 1);
+        assert_eq!(v.orders[0].symbol.as_deref(), Some("１"));
+        assert_eq!(v.orders[0].quantity.as_deref(), Some("0.5"));
+        assert_eq!(v.orders[0].price.as_deref(), Some("100.10"));
+        let v = view(P, &json!({"method": "GET", "path": "/api/v3/account"}));
+        assert!(v.orders.is_empty());
+        let v = view(
             P,
             &json!({"mode": "ws", "params": {"symbol": "BTCUSDT", "quantity": "1", "price": 5}}),
-        )
-        .unwrap();
-        assert_eq!(v.view.orders[0].price.as_deref(), Some("5"));
-        assert_eq!(v.view.method, None);
+        );
+        assert_eq!(v.orders[0].price.as_deref(), Some("5"));
+        assert_eq!(v.method, None);
     }
 
     #[test]
@@ -634,16 +579,8 @@ mod tests {
             bad(P, &r, &k);
         }
         let ts = json!({"method": "GET", "path": "/a", "timestamp": NOW_MS - 2000});
-        assert_eq!(
-            err_with(P, &ts, &k, ClientTime::Reject).code(),
-            "bad_request"
-        );
-        assert!(sign_with(P, &ts, &k, &info(&k), NOW_MS, ClientTime::Within(5000)).is_ok());
-        assert!(sign_with(P, &ts, &k, &info(&k), NOW_MS, ClientTime::Within(1000)).is_err());
-        let p256 = crate::backend::soft::MemoryKey::from_material(
-            &crate::backend::soft::generate_material(KeyType::P256).unwrap(),
-        )
-        .unwrap();
+        check_client_time(P, &ts, &k, 5000, Some(1000));
+        let (p256, _) = generated(KeyType::P256);
         assert!(bad(P, &json!({"method": "GET", "path": "/a"}), &p256).contains("p256"));
     }
 }

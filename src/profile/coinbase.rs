@@ -59,19 +59,15 @@ impl Request {
             .path
             .as_deref()
             .ok_or_else(|| bad("`path` is required (or set `websocket`: true)"))?;
-        util::check_method(method)?;
-        util::check_path(path)?;
+        // Nothing but the JWT is sent for signing: no body to measure or orders to guard.
+        let view = util::http_view(method, path, "", Vec::new())?;
         if let Some(h) = &self.host {
             check_host(h)?;
         }
         if let Some(n) = &self.jwt_nonce {
             check_nonce(n)?;
         }
-        Ok(RequestView {
-            method: Some(method.into()),
-            path: Some(path.into()),
-            ..RequestView::default()
-        })
+        Ok(view)
     }
 
     pub fn build(self, key: &KeyInfo, clock: &mut Clock<'_>) -> Result<Plan> {
@@ -81,13 +77,8 @@ impl Request {
             KeyType::Ed25519 => (Algorithm::Ed25519, "EdDSA"),
             other => return Err(unsupported_key(PROFILE, other)),
         };
-        let api_key = util::bound_field(
-            "api_key",
-            self.api_key.as_deref(),
-            key.api_key.as_deref(),
-            true,
-        )?
-        .ok_or_else(|| Error::Internal("api_key missing after check".into()))?;
+        let api_key =
+            util::required_field("api_key", self.api_key.as_deref(), key.api_key.as_deref())?;
         if api_key.is_empty() {
             return Err(bad("`api_key` must not be empty"));
         }
@@ -199,11 +190,12 @@ fn check_host(h: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{parse, ClientTime, Clock, KeyInfo, ProfileName};
+    use super::super::util::test_keys::RFC8032_TEST1_SEED;
+    use super::super::util::test_support::*;
+    use super::super::{parse, ClientTime, KeyInfo, Output, ProfileName};
     use crate::backend::material;
     use crate::backend::soft::MemoryKey;
     use crate::model::KeyType;
-    use crate::secret::SecretBytes;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
     use serde_json::{json, Value};
@@ -211,35 +203,18 @@ mod tests {
     const P: ProfileName = ProfileName::Coinbase;
     const KEY_NAME: &str = "organizations/org-id/apiKeys/key-id";
 
-    fn key_of(pem: &str, kt: KeyType) -> (MemoryKey, KeyInfo, Vec<u8>) {
-        let m = material::parse(SecretBytes::from_slice(pem.as_bytes()), Some(kt)).unwrap();
-        let spki = material::public_spki(&m).unwrap().unwrap();
-        let info = KeyInfo {
-            key_type: Some(kt),
-            ..KeyInfo::default()
-        };
-        (MemoryKey::from_material(&m).unwrap(), info, spki)
-    }
-
+    /// A fresh P-256 key, with its SubjectPublicKeyInfo to verify against.
     fn p256() -> (MemoryKey, KeyInfo, Vec<u8>) {
-        use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pem =
-            pem_rfc7468::encode_string("PRIVATE KEY", pem_rfc7468::LineEnding::LF, doc.as_ref())
-                .unwrap();
-        key_of(&pem, KeyType::P256)
+        let (key, m) = generated(KeyType::P256);
+        let spki = material::public_spki(&m).unwrap().unwrap();
+        let info = info(&key);
+        (key, info, spki)
     }
 
-    /// RFC 8032 §7.1 TEST 1 secret key, as PKCS#8.
-    fn ed25519() -> (MemoryKey, KeyInfo, Vec<u8>) {
-        let seed = hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
-            .unwrap();
-        let mut der = hex::decode("302e020100300506032b657004220420").unwrap();
-        der.extend_from_slice(&seed);
-        let pem =
-            pem_rfc7468::encode_string("PRIVATE KEY", pem_rfc7468::LineEnding::LF, &der).unwrap();
-        key_of(&pem, KeyType::Ed25519)
+    fn ed25519() -> (MemoryKey, KeyInfo) {
+        let key = ed25519_seed(RFC8032_TEST1_SEED);
+        let info = info(&key);
+        (key, info)
     }
 
     fn sign(
@@ -249,15 +224,7 @@ mod tests {
         client_time: ClientTime,
         now_ms: u64,
     ) -> crate::error::Result<Value> {
-        let mut nonces = |now: u64| Ok(now);
-        let mut clock = Clock {
-            now_ms,
-            client_time,
-            nonces: &mut nonces,
-        };
-        let plan = parse(P, req)?.build(info, &mut clock)?;
-        let sig = key.sign(plan.alg, &plan.message)?;
-        Ok(plan.finish(&sig)?.into_value())
+        sign_with(P, req, key, info, now_ms, client_time).map(Output::into_value)
     }
 
     fn segments(jwt: &str) -> (String, String, Vec<u8>) {
@@ -307,14 +274,8 @@ mod tests {
         assert_eq!(out["jwt_header"]["alg"], "ES256");
         assert_eq!(out["jwt_claims"]["exp"], 1_700_000_120u64);
         assert_eq!(out["timestamp"], 1_700_000_000u64);
-        let keys: Vec<&str> = out
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
         assert_eq!(
-            keys,
+            field_names(&out),
             [
                 "signature",
                 "headers",
@@ -330,7 +291,7 @@ mod tests {
     #[test]
     fn eddsa_is_deterministic_and_matches_dalek() {
         use ed25519_dalek::Signer;
-        let (key, info, _) = ed25519();
+        let (key, info) = ed25519();
         let req = json!({
             "method": "POST", "path": "/platform/v1/wallets", "host": "api.cdp.coinbase.com",
             "api_key": "7ad0b9a4-6a8d-4a4b-9b9e-1e0e4a5c2f11", "timestamp": 1_700_000_000u64,
@@ -349,11 +310,7 @@ mod tests {
             r#"{"sub":"7ad0b9a4-6a8d-4a4b-9b9e-1e0e4a5c2f11","iss":"cdp","nbf":1700000000,"exp":1700000120,"uri":"POST api.cdp.coinbase.com/platform/v1/wallets"}"#
         );
         // RFC 8032 TEST 1 key through ed25519-dalek over the same signing input.
-        let seed: [u8; 32] =
-            hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
-                .unwrap()
-                .try_into()
-                .unwrap();
+        let seed: [u8; 32] = hex::decode(RFC8032_TEST1_SEED).unwrap().try_into().unwrap();
         let dalek = ed25519_dalek::SigningKey::from_bytes(&seed);
         let expect = dalek.sign(a["payload"].as_str().unwrap().as_bytes());
         assert_eq!(sig, expect.to_bytes().to_vec());
@@ -361,7 +318,7 @@ mod tests {
 
     #[test]
     fn websocket_and_unicode() {
-        let (key, info, _) = ed25519();
+        let (key, info) = ed25519();
         let out = sign(
             &json!({"websocket": true, "api_key": "ключ\"\\", "timestamp": 5, "jwt_nonce": "ab"}),
             &key,
@@ -422,22 +379,16 @@ mod tests {
             let e = sign(&req, &key, &info, ClientTime::Reject, 1_000).unwrap_err();
             assert_eq!(e.code(), "bad_request", "{req}");
         }
-        assert!(sign(
-            &with("timestamp", json!(1_700_000_000u64)),
-            &key,
-            &info,
-            ClientTime::Within(2_000),
-            1_700_000_001_000
-        )
-        .is_ok());
-        assert!(sign(
-            &with("timestamp", json!(1_700_000_000u64)),
-            &key,
-            &info,
-            ClientTime::Within(500),
-            1_700_000_001_000
-        )
-        .is_err());
+        for (skew, ok) in [(2_000, true), (500, false)] {
+            let r = sign(
+                &with("timestamp", json!(1_700_000_000u64)),
+                &key,
+                &info,
+                ClientTime::Within(skew),
+                1_700_000_001_000,
+            );
+            assert_eq!(r.is_ok(), ok, "{skew}");
+        }
         assert!(sign(
             &with("jwt_nonce", json!("ab")),
             &key,
@@ -470,21 +421,6 @@ mod tests {
             let e = sign(&req, &key, &info, ClientTime::Any, 0).unwrap_err();
             assert_eq!(e.code(), "bad_request", "{req}");
         }
-        let hmac = KeyInfo {
-            key_type: Some(KeyType::HmacSha256),
-            ..KeyInfo::default()
-        };
-        let mut nonces = |now: u64| Ok(now);
-        let mut clock = Clock {
-            now_ms: 0,
-            client_time: ClientTime::Any,
-            nonces: &mut nonces,
-        };
-        let e = parse(P, &base)
-            .unwrap()
-            .build(&hmac, &mut clock)
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("coinbase"));
+        assert!(bad(P, &base, &hmac(b"k", KeyType::HmacSha256)).contains("coinbase"));
     }
 }

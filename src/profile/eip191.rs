@@ -51,53 +51,14 @@ pub fn digest(message: &[u8]) -> [u8; 32] {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::super::{parse, ClientTime, Clock, KeyInfo, ProfileName};
-    use crate::backend::material;
-    use crate::backend::soft::MemoryKey;
+mod tests {
+    use super::super::util::test_keys::COW_KEY;
+    use super::super::util::test_support::*;
+    use super::super::ProfileName;
     use crate::model::KeyType;
-    use crate::secret::SecretBytes;
-    use serde_json::{json, Value};
+    use serde_json::json;
 
-    /// A secp256k1 key from hex text, with its KeyInfo (EIP-55 address derived).
-    pub(crate) fn secp_key(hex_key: &str) -> (MemoryKey, KeyInfo) {
-        let m = material::parse(
-            SecretBytes::from_slice(hex_key.as_bytes()),
-            Some(KeyType::Secp256k1),
-        )
-        .unwrap();
-        let spki = material::public_spki(&m).unwrap().unwrap();
-        let raw = crate::pubkey::raw_public_key(&spki).unwrap();
-        let info = KeyInfo {
-            key_type: Some(KeyType::Secp256k1),
-            address: Some(crate::pubkey::eth_address(&raw).unwrap()),
-            ..KeyInfo::default()
-        };
-        (MemoryKey::from_material(&m).unwrap(), info)
-    }
-
-    /// parse → build (client time allowed, clock at `now_ms`) → sign → finish.
-    pub(crate) fn run(
-        profile: ProfileName,
-        req: &Value,
-        key: &MemoryKey,
-        info: &KeyInfo,
-        now_ms: u64,
-    ) -> crate::error::Result<Value> {
-        let mut nonces = |now: u64| Ok(now);
-        let mut clock = Clock {
-            now_ms,
-            client_time: ClientTime::Any,
-            nonces: &mut nonces,
-        };
-        let plan = parse(profile, req)?.build(info, &mut clock)?;
-        let sig = key.sign(plan.alg, &plan.message)?;
-        Ok(plan.finish(&sig)?.into_value())
-    }
-
-    /// keccak256("cow"): the key of the EIP-712 and eth-sig-util examples.
-    pub(crate) const COW_KEY: &str =
-        "0xc85ef7d79691fe79573b1a7064c19c1a9819ebdbd1faaab1a8ec92344438aaf4";
+    const P: ProfileName = ProfileName::Eip191;
 
     #[test]
     fn cow_key_is_keccak_of_cow() {
@@ -140,7 +101,7 @@ pub(crate) mod tests {
         ];
         for (k, req, sig, addr) in cases {
             let (key, info) = secp_key(k);
-            let out = run(ProfileName::Eip191, &req, &key, &info, 0).unwrap();
+            let out = run_as(P, &req, &key, &info).unwrap();
             assert_eq!(out["signature"], sig, "{req}");
             assert_eq!(out["r"], &sig[..66]);
             assert_eq!(out["s"], format!("0x{}", &sig[66..130]));
@@ -155,20 +116,12 @@ pub(crate) mod tests {
         }
         // The digest is the EIP-191 hash: "hello world" as text and as hex agree.
         let (key, info) = secp_key(COW_KEY);
-        let text = run(
-            ProfileName::Eip191,
-            &json!({"message": "hello world"}),
-            &key,
-            &info,
-            0,
-        )
-        .unwrap();
-        let hex = run(
-            ProfileName::Eip191,
+        let text = run_as(P, &json!({"message": "hello world"}), &key, &info).unwrap();
+        let hex = run_as(
+            P,
             &json!({"message_hex": "0x68656c6c6f20776f726c64"}),
             &key,
             &info,
-            0,
         )
         .unwrap();
         assert_eq!(text, hex);
@@ -187,7 +140,7 @@ pub(crate) mod tests {
     #[test]
     fn request_errors() {
         let (key, info) = secp_key(COW_KEY);
-        for bad in [
+        for req in [
             json!({}),
             json!({"message": "a", "message_hex": "0x61"}),
             json!({"message": 1}),
@@ -196,34 +149,16 @@ pub(crate) mod tests {
             json!({"message": "a", "extra": 1}),
             json!({"message": null, "message_hex": null}),
         ] {
-            let e = run(ProfileName::Eip191, &bad, &key, &info, 0).unwrap_err();
-            assert_eq!(e.code(), "bad_request", "{bad}");
+            let e = run_as(P, &req, &key, &info).unwrap_err();
+            assert_eq!(e.code(), "bad_request", "{req}");
         }
         // Empty message is allowed: "0x" and "".
-        assert!(run(
-            ProfileName::Eip191,
-            &json!({"message_hex": "0x"}),
-            &key,
-            &info,
-            0
-        )
-        .is_ok());
+        assert!(run_as(P, &json!({"message_hex": "0x"}), &key, &info).is_ok());
         // A non-secp256k1 key is refused.
-        let hmac = KeyInfo {
-            key_type: Some(KeyType::HmacSha256),
-            ..KeyInfo::default()
-        };
-        let mut nonces = |now: u64| Ok(now);
-        let mut clock = Clock {
-            now_ms: 0,
-            client_time: ClientTime::Reject,
-            nonces: &mut nonces,
-        };
-        let e = parse(ProfileName::Eip191, &json!({"message": "a"}))
-            .unwrap()
-            .build(&hmac, &mut clock)
-            .err()
-            .unwrap();
-        assert_eq!(e.code(), "bad_request");
+        bad(
+            P,
+            &json!({"message": "a"}),
+            &hmac(b"k", KeyType::HmacSha256),
+        );
     }
 }

@@ -40,56 +40,24 @@ fn typed_data_len(td: &TypedData) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::eip191::tests::{run, secp_key, COW_KEY};
+    use super::super::util::test_keys::COW_KEY;
+    use super::super::util::test_support::*;
     use super::super::{parse, ProfileName, TypedDataView};
     use serde_json::{json, Value};
 
-    fn mail(with_http_origin: bool) -> Value {
-        let mut domain_type = vec![
-            json!({"name": "name", "type": "string"}),
-            json!({"name": "version", "type": "string"}),
-            json!({"name": "chainId", "type": "uint256"}),
-        ];
-        let mut domain = json!({"name": "Ether Mail", "version": "1", "chainId": 1});
-        if with_http_origin {
-            domain_type.push(json!({"name": "httpOrigin", "type": "string"}));
-            domain["httpOrigin"] = json!("https://ether-mail.eth");
-        }
-        domain_type.push(json!({"name": "verifyingContract", "type": "address"}));
-        domain["verifyingContract"] = json!("0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC");
-        json!({
-            "types": {
-                "EIP712Domain": domain_type,
-                "Person": [{"name": "name", "type": "string"}, {"name": "wallet", "type": "address"}],
-                "Mail": [
-                    {"name": "from", "type": "Person"},
-                    {"name": "to", "type": "Person"},
-                    {"name": "contents", "type": "string"}
-                ]
-            },
-            "primaryType": "Mail",
-            "domain": domain,
-            "message": {
-                "from": {"name": "Cow", "wallet": "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"},
-                "to": {"name": "Bob", "wallet": "0xbBbBBBBbbBBBbbbBbbBbbbbBBbBbbbbBbBbbBBbB"},
-                "contents": "Hello, Bob!"
-            }
-        })
+    const P: ProfileName = ProfileName::Eip712;
+
+    /// `typed_data` signed with the cow key.
+    fn signed(typed_data: Value) -> Value {
+        let (key, info) = secp_key(COW_KEY);
+        run_as(P, &json!({ "typed_data": typed_data }), &key, &info).unwrap()
     }
 
     #[test]
     fn eip_mail_example() {
         // Source: ethereum/EIPs assets/eip-712/Example.js (commit 68b7c485): private key
         // keccak256("cow"), signHash 0xbe609aee…7bd2, v 28, r 0x4355c47d…1c9d, s 0x07299936…1562.
-        let (key, info) = secp_key(COW_KEY);
-        let out = run(
-            ProfileName::Eip712,
-            &json!({"typed_data": mail(false)}),
-            &key,
-            &info,
-            0,
-        )
-        .unwrap();
+        let out = signed(eip712_mail(false));
         assert_eq!(
             out["digest"],
             "0xbe609aee343fb3c4b28e1df9e632fca64fcfaede20f02e86244efddf30957bd2"
@@ -109,14 +77,8 @@ mod tests {
         );
         assert_eq!(out["address"], "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826");
         assert_eq!(out["headers"], json!({}));
-        let keys: Vec<&str> = out
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
         assert_eq!(
-            keys,
+            field_names(&out),
             ["signature", "headers", "r", "s", "v", "digest", "address"]
         );
     }
@@ -126,15 +88,7 @@ mod tests {
         // Source: ethereum/EIPs assets/eip-712/Example.js (commit 18f02487, the revision whose
         // domain carries `string httpOrigin`): signHash 0xa5f5fa6b…593e, v 27,
         // r 0x24040eda…0480, s 0x42bbabf2…d057.
-        let (key, info) = secp_key(COW_KEY);
-        let out = run(
-            ProfileName::Eip712,
-            &json!({"typed_data": mail(true)}),
-            &key,
-            &info,
-            0,
-        )
-        .unwrap();
+        let out = signed(eip712_mail(true));
         assert_eq!(
             out["digest"],
             "0xa5f5fa6b05af38f2e9d2889ac36f5a4ba31e20646781d23739de458d86d6593e"
@@ -194,15 +148,7 @@ mod tests {
                 "contents": "Hello, Bob!"
             }
         });
-        let (key, info) = secp_key(COW_KEY);
-        let out = run(
-            ProfileName::Eip712,
-            &json!({"typed_data": td}),
-            &key,
-            &info,
-            0,
-        )
-        .unwrap();
+        let out = signed(td.clone());
         assert_eq!(
             out["digest"],
             "0xa85c2e2b118698e88db68a8105b794a8cc7cec074e89ef991cb4f5f533819cc2"
@@ -226,34 +172,34 @@ mod tests {
 
     #[test]
     fn view_and_errors() {
-        let p = parse(ProfileName::Eip712, &json!({"typed_data": mail(false)})).unwrap();
+        let v = view(P, &json!({"typed_data": eip712_mail(false)}));
         assert_eq!(
-            p.view.typed_data,
+            v.typed_data,
             Some(TypedDataView {
                 domain_name: Some("Ether Mail".into()),
                 primary_type: "Mail".into()
             })
         );
-        assert!(p.view.body_len > 100);
-        assert_eq!(p.view.method, None);
-        let mut extra = mail(false);
+        assert!(v.body_len > 100);
+        assert_eq!(v.method, None);
+        let mut extra = eip712_mail(false);
         extra["extra"] = json!(1);
-        let mut bad_int = mail(false);
+        let mut bad_int = eip712_mail(false);
         bad_int["domain"]["chainId"] = json!(1.5);
-        let mut big_num = mail(false);
+        let mut big_num = eip712_mail(false);
         big_num["domain"]["chainId"] = json!(1e30);
-        let mut neg = mail(false);
+        let mut neg = eip712_mail(false);
         neg["domain"]["chainId"] = json!(-1);
-        let mut bad_addr = mail(false);
+        let mut bad_addr = eip712_mail(false);
         bad_addr["message"]["to"]["wallet"] = json!("0x1234");
-        let mut missing = mail(false);
+        let mut missing = eip712_mail(false);
         missing["message"]["to"]
             .as_object_mut()
             .unwrap()
             .remove("wallet");
         for req in [
             json!({}),
-            json!({"typed_data": mail(false), "x": 1}),
+            json!({"typed_data": eip712_mail(false), "x": 1}),
             json!({"typed_data": extra}),
             json!({"typed_data": bad_int}),
             json!({"typed_data": big_num}),
@@ -262,26 +208,18 @@ mod tests {
             json!({"typed_data": missing}),
             json!({"typed_data": "str"}),
         ] {
-            let e = parse(ProfileName::Eip712, &req).err().unwrap();
+            let e = parse(P, &req).err().unwrap();
             assert_eq!(e.code(), "bad_request", "{req}");
         }
         // Large integers as decimal and 0x strings are accepted.
-        let mut s = mail(false);
+        let mut s = eip712_mail(false);
         s["domain"]["chainId"] = json!("0x1");
-        let (key, info) = secp_key(COW_KEY);
-        let out = run(
-            ProfileName::Eip712,
-            &json!({"typed_data": s}),
-            &key,
-            &info,
-            0,
-        )
-        .unwrap();
+        let out = signed(s);
         assert_eq!(
             out["digest"],
             "0xbe609aee343fb3c4b28e1df9e632fca64fcfaede20f02e86244efddf30957bd2"
         );
-        let msg = parse(ProfileName::Eip712, &json!({"typed_data": big_num_msg()}))
+        let msg = parse(P, &json!({"typed_data": big_num_msg()}))
             .err()
             .unwrap()
             .to_string();
@@ -289,7 +227,7 @@ mod tests {
     }
 
     fn big_num_msg() -> Value {
-        let mut v = mail(false);
+        let mut v = eip712_mail(false);
         v["domain"]["chainId"] = json!(18446744073709551616.0_f64);
         v
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha3::{Digest, Keccak256};
 
-use super::{unsupported_key, KeyInfo, Output, Plan, ProfileName, TypedDataView};
+use super::{KeyInfo, Output, Plan, ProfileName, TypedDataView};
 use crate::backend::Signature;
 use crate::error::{Error, Result};
 use crate::model::{Algorithm, KeyType};
@@ -27,10 +27,8 @@ fn bad(msg: impl Into<String>) -> Error {
 
 /// Every EVM profile signs with the wallet key and nothing else.
 pub fn require_secp256k1(profile: ProfileName, key: &KeyInfo) -> Result<()> {
-    match key.key_type()? {
-        KeyType::Secp256k1 => Ok(()),
-        other => Err(unsupported_key(profile, other)),
-    }
+    key.key_type_for(profile, |t| t == KeyType::Secp256k1)
+        .map(drop)
 }
 
 /// Parses `0x` + 40 hex digits (any case) into the 20 address bytes.
@@ -683,6 +681,7 @@ fn negate(mag: &[u8; 32]) -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
+    use super::super::util::test_support::eip712_mail;
     use super::*;
     use serde_json::json;
 
@@ -690,40 +689,10 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn mail() -> Value {
-        // The EIP's Mail example (ethereum/EIPs assets/eip-712/Example.js).
-        json!({
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"}
-                ],
-                "Person": [{"name": "name", "type": "string"}, {"name": "wallet", "type": "address"}],
-                "Mail": [
-                    {"name": "from", "type": "Person"},
-                    {"name": "to", "type": "Person"},
-                    {"name": "contents", "type": "string"}
-                ]
-            },
-            "primaryType": "Mail",
-            "domain": {
-                "name": "Ether Mail", "version": "1", "chainId": 1,
-                "verifyingContract": "0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC"
-            },
-            "message": {
-                "from": {"name": "Cow", "wallet": "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"},
-                "to": {"name": "Bob", "wallet": "0xbBbBBBBbbBBBbbbBbbBbbbbBBbBbbbbBbBbbBBbB"},
-                "contents": "Hello, Bob!"
-            }
-        })
-    }
-
     #[test]
     fn mail_intermediate_values() {
         // Expected values from ethereum/EIPs assets/eip-712/Example.js.
-        let t = td(mail());
+        let t = td(eip712_mail(false));
         let enc = Encoder::new(&t.types).unwrap();
         assert_eq!(
             enc.encode_type("Mail"),
@@ -746,11 +715,11 @@ mod tests {
 
     #[test]
     fn inferred_domain_matches_declared() {
-        let declared = td(mail());
-        let mut v = mail();
+        let declared = td(eip712_mail(false));
+        let mut v = eip712_mail(false);
         v["types"].as_object_mut().unwrap().remove("EIP712Domain");
         assert_eq!(td(v).digest().unwrap(), declared.digest().unwrap());
-        let mut v = mail();
+        let mut v = eip712_mail(false);
         v["types"].as_object_mut().unwrap().remove("EIP712Domain");
         v["domain"]["foo"] = json!("x");
         assert!(td(v).digest().is_err());
@@ -844,19 +813,19 @@ mod tests {
 
     #[test]
     fn structure_errors() {
-        let mut v = mail();
+        let mut v = eip712_mail(false);
         v["message"]["extra"] = json!(1);
         assert!(td(v).digest().is_err());
-        let mut v = mail();
+        let mut v = eip712_mail(false);
         v["message"].as_object_mut().unwrap().remove("contents");
         assert!(td(v).digest().is_err());
-        let mut v = mail();
+        let mut v = eip712_mail(false);
         v["types"]["Mail"][0]["type"] = json!("Persona");
         assert!(td(v).digest().is_err());
-        let mut v = mail();
+        let mut v = eip712_mail(false);
         v["primaryType"] = json!("Nope");
         assert!(td(v).digest().is_err());
-        let mut v = mail();
+        let mut v = eip712_mail(false);
         v["types"]["Mail"][2]["type"] = json!("string[2]");
         v["message"]["contents"] = json!(["a"]);
         assert!(td(v).digest().is_err());

@@ -188,28 +188,20 @@ fn orders(action: &Map<String, Value>) -> Result<Vec<OrderView>> {
             ))
         })
     };
+    let single = |field: &str, has_price: bool| -> Result<Vec<OrderView>> {
+        let path = format!("action.{field}");
+        let o = action
+            .get(field)
+            .ok_or_else(|| bad(format!("`{path}` is required for type \"{ty}\"")))?;
+        Ok(vec![order_view(o, &path, has_price)?])
+    };
     match ty {
         "order" => list("orders")?
             .iter()
             .enumerate()
-            .map(|(i, o)| {
-                order_view(
-                    obj(o, &format!("action.orders[{i}]"))?,
-                    &format!("action.orders[{i}]"),
-                    true,
-                )
-            })
+            .map(|(i, o)| order_view(o, &format!("action.orders[{i}]"), true))
             .collect(),
-        "modify" => {
-            let o = action
-                .get("order")
-                .ok_or_else(|| bad("`action.order` is required for type \"modify\""))?;
-            Ok(vec![order_view(
-                obj(o, "action.order")?,
-                "action.order",
-                true,
-            )?])
-        }
+        "modify" => single("order", true),
         "batchModify" => list("modifies")?
             .iter()
             .enumerate()
@@ -218,29 +210,19 @@ fn orders(action: &Map<String, Value>) -> Result<Vec<OrderView>> {
                 let o = m
                     .get("order")
                     .ok_or_else(|| bad(format!("`{path}` is required")))?;
-                order_view(obj(o, &path)?, &path, true)
+                order_view(o, &path, true)
             })
             .collect(),
-        "twapOrder" => {
-            let t = action
-                .get("twap")
-                .ok_or_else(|| bad("`action.twap` is required for type \"twapOrder\""))?;
-            Ok(vec![order_view(
-                obj(t, "action.twap")?,
-                "action.twap",
-                false,
-            )?])
-        }
+        // A TWAP order has no limit price.
+        "twapOrder" => single("twap", false),
         _ => Ok(Vec::new()),
     }
 }
 
-fn obj<'v>(v: &'v Value, path: &str) -> Result<&'v Map<String, Value>> {
-    v.as_object()
-        .ok_or_else(|| bad(format!("`{path}` must be an object")))
-}
-
-fn order_view(o: &Map<String, Value>, path: &str, has_price: bool) -> Result<OrderView> {
+fn order_view(v: &Value, path: &str, has_price: bool) -> Result<OrderView> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| bad(format!("`{path}` must be an object")))?;
     let asset = o.get("a").and_then(Value::as_u64).ok_or_else(|| {
         bad(format!(
             "`{path}.a` must be a non-negative integer asset index"
@@ -261,7 +243,7 @@ fn order_view(o: &Map<String, Value>, path: &str, has_price: bool) -> Result<Ord
 
 #[cfg(test)]
 mod tests {
-    use super::super::eip191::tests::{run, secp_key};
+    use super::super::util::test_support::*;
     use super::super::{parse, ClientTime, Clock, OrderView, ProfileName};
     use super::pack_action;
     use serde_json::{json, Value};
@@ -283,7 +265,7 @@ mod tests {
             if let Some(a) = vault {
                 req["vault_address"] = json!(a);
             }
-            let out = run(P, &req, &key, &info, 1).unwrap();
+            let out = run_as(P, &req, &key, &info).unwrap();
             assert_eq!(out["r"], pad(r), "{network} {action}");
             assert_eq!(out["s"], pad(s), "{network} {action}");
             assert_eq!(out["v"], v, "{network} {action}");
@@ -525,12 +507,11 @@ mod tests {
                         "t": {"limit": {"tif": "Ioc"}}}],
             "grouping": "na"
         });
-        let out = run(
+        let out = run_as(
             P,
             &json!({"action": action, "nonce": 1677777606040u64}),
             &key,
             &info,
-            0,
         )
         .unwrap();
         assert_eq!(
@@ -539,14 +520,8 @@ mod tests {
         );
         assert_eq!(out["nonce"], 1677777606040u64);
         assert_eq!(out["address"], info.address.clone().unwrap());
-        let keys: Vec<&str> = out
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
         assert_eq!(
-            keys,
+            field_names(&out),
             [
                 "signature",
                 "headers",
@@ -559,9 +534,9 @@ mod tests {
                 "nonce"
             ]
         );
-        let p = parse(P, &json!({"action": action})).unwrap();
+        let v = view(P, &json!({"action": action}));
         assert_eq!(
-            p.view.orders,
+            v.orders,
             vec![OrderView {
                 symbol: Some("4".into()),
                 quantity: Some("0.0147".into()),
@@ -569,7 +544,7 @@ mod tests {
             }]
         );
         assert_eq!(
-            p.view.typed_data.unwrap().domain_name.as_deref(),
+            v.typed_data.unwrap().domain_name.as_deref(),
             Some("Exchange")
         );
     }
@@ -623,12 +598,11 @@ mod tests {
     fn expires_after_and_agent_nonce() {
         let (key, info) = secp_key(PK);
         let action = json!({"type": "scheduleCancel"});
-        let with = run(
+        let with = run_as(
             P,
             &json!({"action": action, "nonce": 5, "expires_after": 7}),
             &key,
             &info,
-            0,
         )
         .unwrap();
         let mut data = pack_action(action.as_object().unwrap()).unwrap();
@@ -651,13 +625,8 @@ mod tests {
             client_time: ClientTime::Reject,
             nonces: &mut nonces,
         };
-        let plan = parse(P, &json!({"action": action}))
-            .unwrap()
-            .build(&info, &mut clock)
-            .unwrap();
-        let sig = key.sign(plan.alg, &plan.message).unwrap();
-        let out = plan.finish(&sig).unwrap().into_value();
-        assert_eq!(out["nonce"], 1_700_000_000_001u64);
+        let out = sign_on(P, &json!({"action": action}), &key, &info, &mut clock).unwrap();
+        assert_eq!(out.0["nonce"], 1_700_000_000_001u64);
         // A client nonce is refused with Reject, accepted within the window.
         let e = parse(P, &json!({"action": action, "nonce": 1_700_000_000_000u64}))
             .unwrap()
@@ -715,13 +684,19 @@ mod tests {
         }
         assert!(parse(P, &json!({"action": {"type": "x", "deep": v}})).is_err());
         // Views of modify / batchModify / twap orders.
-        let p = parse(P, &json!({"action": {"type": "batchModify", "modifies": [
-            {"oid": 1, "order": {"a": 3, "b": true, "p": "2", "s": "5", "r": false, "t": {"limit": {"tif": "Gtc"}}}}
-        ]}})).unwrap();
-        assert_eq!(p.view.orders[0].symbol.as_deref(), Some("3"));
-        let p = parse(P, &json!({"action": {"type": "twapOrder", "twap": {"a": 2, "b": true, "s": "9", "r": false, "m": 5, "t": false}}})).unwrap();
+        let v = view(
+            P,
+            &json!({"action": {"type": "batchModify", "modifies": [
+                {"oid": 1, "order": {"a": 3, "b": true, "p": "2", "s": "5", "r": false, "t": {"limit": {"tif": "Gtc"}}}}
+            ]}}),
+        );
+        assert_eq!(v.orders[0].symbol.as_deref(), Some("3"));
+        let v = view(
+            P,
+            &json!({"action": {"type": "twapOrder", "twap": {"a": 2, "b": true, "s": "9", "r": false, "m": 5, "t": false}}}),
+        );
         assert_eq!(
-            p.view.orders,
+            v.orders,
             vec![OrderView {
                 symbol: Some("2".into()),
                 quantity: Some("9".into()),

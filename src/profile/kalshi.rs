@@ -4,10 +4,10 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::util::{self, bound_field, check_method, check_path};
-use super::{unsupported_key, Clock, KeyInfo, OrderView, Output, Plan, ProfileName, RequestView};
+use super::util::{self, required_field};
+use super::{Clock, KeyInfo, OrderView, Plan, ProfileName, RequestView};
 use crate::error::Result;
-use crate::model::Algorithm;
+use crate::model::{Algorithm, KeyType};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,48 +30,27 @@ pub struct Request {
 
 impl Request {
     pub fn view(&self) -> Result<RequestView> {
-        check_method(&self.method)?;
-        check_path(&self.path)?;
         let body = self.body.as_deref().unwrap_or("");
-        Ok(RequestView {
-            method: Some(self.method.clone()),
-            path: Some(self.path.clone()),
-            body_len: body.len(),
-            orders: orders(body),
-            typed_data: None,
-        })
+        util::http_view(&self.method, &self.path, body, orders(body))
     }
 
     pub fn build(self, key: &KeyInfo, clock: &mut Clock<'_>) -> Result<Plan> {
-        let key_type = key.key_type()?;
-        if !key_type.is_rsa() {
-            return Err(unsupported_key(ProfileName::Kalshi, key_type));
-        }
-        let api_key = bound_field(
-            "api_key",
-            self.api_key.as_deref(),
-            key.api_key.as_deref(),
-            true,
-        )?
-        .unwrap_or_default();
+        key.key_type_for(ProfileName::Kalshi, KeyType::is_rsa)?;
+        let api_key = required_field("api_key", self.api_key.as_deref(), key.api_key.as_deref())?;
         let ts = clock.timestamp_ms("timestamp", self.timestamp)?;
         let payload = format!("{ts}{}{}", self.method, self.path);
         // Salt length 32 (= SHA-256 output) is what RsaPssSha256 means; "max" is rejected by Kalshi.
-        Ok(Plan::new(
+        Ok(Plan::text_with_headers(
             Algorithm::RsaPssSha256,
-            payload.clone().into_bytes(),
-            move |sig| {
-                let signature = util::b64(&sig.bytes);
-                Ok(Output::new(
-                    signature.clone(),
-                    &[
-                        ("KALSHI-ACCESS-KEY", api_key),
-                        ("KALSHI-ACCESS-TIMESTAMP", ts.to_string()),
-                        ("KALSHI-ACCESS-SIGNATURE", signature),
-                    ],
-                )
-                .with("payload", payload)
-                .with("timestamp", ts))
+            payload,
+            ts,
+            util::b64,
+            move |signature| {
+                vec![
+                    ("KALSHI-ACCESS-KEY", api_key),
+                    ("KALSHI-ACCESS-TIMESTAMP", ts.to_string()),
+                    ("KALSHI-ACCESS-SIGNATURE", signature),
+                ]
             },
         ))
     }
@@ -81,57 +60,29 @@ impl Request {
 /// (`{"orders":[…]}`). Quantity is the contract count; price is the limit in cents
 /// (`yes_price`, else `no_price`), as Kalshi's integer text.
 fn orders(body: &str) -> Vec<OrderView> {
-    let mut out = Vec::new();
-    for obj in util::json_objects(body) {
-        match obj.get("orders") {
-            Some(Value::Array(items)) => {
-                for item in items {
-                    if let Value::Object(o) = item {
-                        push_order(&mut out, o);
-                    }
-                }
-            }
-            _ => push_order(&mut out, &obj),
-        }
-    }
-    out
+    util::json_orders(body, Some("orders"), order)
 }
 
-fn push_order(out: &mut Vec<OrderView>, o: &Map<String, Value>) {
+/// A price alone is no order: Kalshi orders always name a ticker or a count.
+fn order(o: &Map<String, Value>) -> Option<OrderView> {
     let order = OrderView {
         symbol: util::json_text(o.get("ticker")),
         quantity: util::json_text(o.get("count")),
         price: util::json_text(o.get("yes_price")).or_else(|| util::json_text(o.get("no_price"))),
     };
-    if order.symbol.is_some() || order.quantity.is_some() {
-        out.push(order);
-    }
+    (order.symbol.is_some() || order.quantity.is_some()).then_some(order)
 }
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
-    use rsa::pkcs8::DecodePrivateKey;
-    use rsa::signature::Verifier;
     use serde_json::json;
 
     use super::super::util::test_keys::*;
     use super::super::util::test_support::*;
-    use super::super::{parse, ClientTime, KeyInfo, ProfileName};
+    use super::super::{ClientTime, KeyInfo, ProfileName};
     use crate::model::KeyType;
 
     const P: ProfileName = ProfileName::Kalshi;
-
-    fn verify_pss(pem_text: &str, payload: &str, sig_b64: &str) {
-        let sk = rsa::RsaPrivateKey::from_pkcs8_pem(pem_text).unwrap();
-        let vk = rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(sk.to_public_key(), 32);
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(sig_b64)
-            .unwrap();
-        let sig = rsa::pss::Signature::try_from(raw.as_slice()).unwrap();
-        vk.verify(payload.as_bytes(), &sig).unwrap();
-        assert!(vk.verify(b"tampered", &sig).is_err());
-    }
 
     // Kalshi publishes no fixed vector (PSS is randomised): the canonical string and headers
     // are checked field by field against https://docs.kalshi.com/getting_started/api_keys
@@ -160,14 +111,14 @@ mod tests {
                 "KALSHI-ACCESS-SIGNATURE": sig
             })
         );
-        verify_pss(RSA_2048_PKCS8, payload, sig);
+        verify_rsa_pss(RSA_2048_PKCS8, payload.as_bytes(), sig);
         // Randomised: a second signature of the same payload differs and also verifies.
         let again = run(P, &req, &key);
         assert_eq!(again["payload"], payload);
         assert_ne!(again["signature"], out["signature"]);
-        verify_pss(
+        verify_rsa_pss(
             RSA_2048_PKCS8,
-            payload,
+            payload.as_bytes(),
             again["signature"].as_str().unwrap(),
         );
     }
@@ -204,24 +155,23 @@ mod tests {
     #[test]
     fn orders_for_guards() {
         let body = r#"{"ticker":"KXBTC-25","action":"buy","side":"yes","count":10,"type":"limit","yes_price":55}"#;
-        let v = parse(
+        let v = view(
             P,
             &json!({"method":"POST","path":"/trade-api/v2/portfolio/orders","body":body}),
-        )
-        .unwrap();
-        assert_eq!(v.view.orders.len(), 1);
-        assert_eq!(v.view.orders[0].symbol.as_deref(), Some("KXBTC-25"));
-        assert_eq!(v.view.orders[0].quantity.as_deref(), Some("10"));
-        assert_eq!(v.view.orders[0].price.as_deref(), Some("55"));
-        assert_eq!(v.view.body_len, body.len());
+        );
+        assert_eq!(v.orders.len(), 1);
+        assert_eq!(v.orders[0].symbol.as_deref(), Some("KXBTC-25"));
+        assert_eq!(v.orders[0].quantity.as_deref(), Some("10"));
+        assert_eq!(v.orders[0].price.as_deref(), Some("55"));
+        assert_eq!(v.body_len, body.len());
         let batch =
             r#"{"orders":[{"ticker":"A","count":1,"no_price":40},{"ticker":"B","count":2}]}"#;
-        let v = parse(P, &json!({"method":"POST","path":"/p","body":batch})).unwrap();
-        assert_eq!(v.view.orders.len(), 2);
-        assert_eq!(v.view.orders[0].price.as_deref(), Some("40"));
-        assert_eq!(v.view.orders[1].price, None);
-        let v = parse(P, &json!({"method":"POST","path":"/p","body":"{not json"})).unwrap();
-        assert!(v.view.orders.is_empty());
+        let v = view(P, &json!({"method":"POST","path":"/p","body":batch}));
+        assert_eq!(v.orders.len(), 2);
+        assert_eq!(v.orders[0].price.as_deref(), Some("40"));
+        assert_eq!(v.orders[1].price, None);
+        let v = view(P, &json!({"method":"POST","path":"/p","body":"{not json"}));
+        assert!(v.orders.is_empty());
     }
 
     #[test]
@@ -247,28 +197,7 @@ mod tests {
         // Client time: rejected over the socket by default, accepted within the skew.
         let mut with_ts = ok.clone();
         with_ts["timestamp"] = json!(NOW_MS + 500);
-        assert_eq!(
-            err_with(P, &with_ts, &key, ClientTime::Reject).code(),
-            "bad_request"
-        );
-        assert!(sign_with(
-            P,
-            &with_ts,
-            &key,
-            &info(&key),
-            NOW_MS,
-            ClientTime::Within(1000)
-        )
-        .is_ok());
-        assert!(sign_with(
-            P,
-            &with_ts,
-            &key,
-            &info(&key),
-            NOW_MS,
-            ClientTime::Within(100)
-        )
-        .is_err());
+        check_client_time(P, &with_ts, &key, 1000, Some(100));
         // Wrong key type.
         let h = hmac(b"secret", KeyType::HmacSha256);
         assert!(bad(P, &ok, &h).contains("kalshi"));

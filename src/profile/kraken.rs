@@ -3,10 +3,10 @@
 
 use serde::Deserialize;
 
-use super::util::{self, bound_field, check_path};
-use super::{unsupported_key, Clock, KeyInfo, OrderView, Output, Plan, ProfileName, RequestView};
+use super::util::{self, required_field};
+use super::{Clock, KeyInfo, Output, Plan, ProfileName, RequestView};
 use crate::error::{Error, Result};
-use crate::model::Algorithm;
+use crate::model::{Algorithm, KeyType};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,46 +23,21 @@ pub struct Request {
 
 impl Request {
     pub fn view(&self) -> Result<RequestView> {
-        check_path(&self.path)?;
         let body = self.body.as_deref().unwrap_or("");
+        let orders = util::form_order(&util::parse_form(body), ["pair", "volume", "price"]);
+        // Every Kraken private endpoint is a POST; naming it lets `methods` policies apply.
+        let view = util::http_view("POST", &self.path, body, orders)?;
         if util::forbidden_form_param(body, &["nonce"]).is_some() {
             return Err(Error::BadRequest(
                 "`body` must not contain `nonce`: keyward puts it first".into(),
             ));
         }
-        let pairs = util::parse_form(body);
-        let order = OrderView {
-            symbol: util::form_value(&pairs, "pair"),
-            quantity: util::form_value(&pairs, "volume"),
-            price: util::form_value(&pairs, "price"),
-        };
-        let orders = if order == OrderView::default() {
-            Vec::new()
-        } else {
-            vec![order]
-        };
-        Ok(RequestView {
-            // Every Kraken private endpoint is a POST; naming it lets `methods` policies apply.
-            method: Some("POST".into()),
-            path: Some(self.path.clone()),
-            body_len: body.len(),
-            orders,
-            typed_data: None,
-        })
+        Ok(view)
     }
 
     pub fn build(self, key: &KeyInfo, clock: &mut Clock<'_>) -> Result<Plan> {
-        let key_type = key.key_type()?;
-        if !key_type.is_hmac() {
-            return Err(unsupported_key(ProfileName::Kraken, key_type));
-        }
-        let api_key = bound_field(
-            "api_key",
-            self.api_key.as_deref(),
-            key.api_key.as_deref(),
-            true,
-        )?
-        .unwrap_or_default();
+        key.key_type_for(ProfileName::Kraken, KeyType::is_hmac)?;
+        let api_key = required_field("api_key", self.api_key.as_deref(), key.api_key.as_deref())?;
         let nonce = clock.increasing_nonce("nonce", self.nonce)?;
         let body = self.body.unwrap_or_default();
         let postdata = if body.is_empty() {
@@ -88,8 +63,9 @@ impl Request {
 mod tests {
     use serde_json::json;
 
+    use super::super::util::test_keys::RSA_2048_PKCS8;
     use super::super::util::test_support::*;
-    use super::super::{offline, parse, ClientTime, ProfileName};
+    use super::super::{offline, ClientTime, ProfileName};
     use crate::model::KeyType;
     use crate::secret::SecretBytes;
 
@@ -142,7 +118,6 @@ mod tests {
         assert_eq!(out["nonce"], NOW_MS);
         // The nonce source is the clock's strictly increasing one, not `now` itself.
         let k = key();
-        let parsed = parse(P, &json!({"path": "/0/private/Balance", "api_key": "k"})).unwrap();
         let mut last = NOW_MS + 10;
         let mut nonces = |now: u64| -> crate::error::Result<u64> {
             last = (last + 1).max(now);
@@ -153,24 +128,22 @@ mod tests {
             client_time: ClientTime::Reject,
             nonces: &mut nonces,
         };
-        let plan = parsed.build(&info(&k), &mut clock).unwrap();
-        let sig = k.sign(plan.alg, &plan.message).unwrap();
-        let out = plan.finish(&sig).unwrap();
+        let req = json!({"path": "/0/private/Balance", "api_key": "k"});
+        let out = sign_on(P, &req, &k, &info(&k), &mut clock).unwrap();
         assert_eq!(out.0["nonce"], NOW_MS + 11);
     }
 
     #[test]
     fn orders_for_guards() {
-        let v = parse(
+        let v = view(
             P,
             &json!({"path": "/0/private/AddOrder",
                     "body": "ordertype=limit&pair=XBTUSD&price=37500&type=buy&volume=1.25"}),
-        )
-        .unwrap();
-        assert_eq!(v.view.method.as_deref(), Some("POST"));
-        assert_eq!(v.view.orders[0].symbol.as_deref(), Some("XBTUSD"));
-        assert_eq!(v.view.orders[0].quantity.as_deref(), Some("1.25"));
-        assert_eq!(v.view.orders[0].price.as_deref(), Some("37500"));
+        );
+        assert_eq!(v.method.as_deref(), Some("POST"));
+        assert_eq!(v.orders[0].symbol.as_deref(), Some("XBTUSD"));
+        assert_eq!(v.orders[0].quantity.as_deref(), Some("1.25"));
+        assert_eq!(v.orders[0].price.as_deref(), Some("37500"));
     }
 
     #[test]
@@ -187,20 +160,8 @@ mod tests {
             bad(P, &r, &k);
         }
         let with_nonce = json!({"path": "/0/private/Balance", "api_key": "k", "nonce": NOW_MS});
-        assert_eq!(
-            err_with(P, &with_nonce, &k, ClientTime::Reject).code(),
-            "bad_request"
-        );
-        assert!(sign_with(
-            P,
-            &with_nonce,
-            &k,
-            &info(&k),
-            NOW_MS,
-            ClientTime::Within(10)
-        )
-        .is_ok());
-        let rsa = pem(super::super::util::test_keys::RSA_2048_PKCS8);
+        check_client_time(P, &with_nonce, &k, 10, None);
+        let rsa = pem(RSA_2048_PKCS8);
         assert!(bad(P, &with_nonce, &rsa).contains("kraken"));
     }
 }

@@ -134,6 +134,20 @@ impl KeyInfo {
         self.key_type
             .ok_or_else(|| Error::Internal("profile called without a key type".into()))
     }
+
+    /// The key type, if `profile` can sign with it.
+    pub fn key_type_for(
+        &self,
+        profile: ProfileName,
+        supported: impl Fn(KeyType) -> bool,
+    ) -> Result<KeyType> {
+        let t = self.key_type()?;
+        if supported(t) {
+            Ok(t)
+        } else {
+            Err(unsupported_key(profile, t))
+        }
+    }
 }
 
 /// Where timestamps and nonces come from, and whether the client may set them.
@@ -298,6 +312,23 @@ impl Plan {
             message,
             finish: Box::new(finish),
         }
+    }
+
+    /// Signs the text `payload` for an exchange that authenticates with headers: the output
+    /// is the encoded signature, the headers `headers` builds around it, `payload`, `timestamp`.
+    pub fn text_with_headers(
+        alg: Algorithm,
+        payload: String,
+        ts: u64,
+        encode: fn(&[u8]) -> String,
+        headers: impl FnOnce(String) -> Vec<(&'static str, String)> + Send + 'static,
+    ) -> Plan {
+        Plan::new(alg, payload.clone().into_bytes(), move |sig| {
+            let signature = encode(&sig.bytes);
+            Ok(Output::new(signature.clone(), &headers(signature))
+                .with("payload", payload)
+                .with("timestamp", ts))
+        })
     }
 
     pub fn finish(self, sig: &Signature) -> Result<Output> {

@@ -385,8 +385,7 @@ mod tests {
     #[test]
     fn coinbase_cdp_ed25519_secret() {
         // RFC 8032 TEST 1 key pair as a CDP secret (seed ‖ public key).
-        let seed = hex::decode("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
-            .unwrap();
+        let seed = hex::decode(RFC8032_TEST1_SEED).unwrap();
         let public =
             hex::decode("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
                 .unwrap();

@@ -3,10 +3,10 @@
 
 use serde::Deserialize;
 
-use super::util::{self, bound_field, check_method, check_path};
-use super::{unsupported_key, Clock, KeyInfo, OrderView, Output, Plan, ProfileName, RequestView};
+use super::util::{self, required_field};
+use super::{Clock, KeyInfo, Plan, ProfileName, RequestView};
 use crate::error::{Error, Result};
-use crate::model::Algorithm;
+use crate::model::{Algorithm, KeyType};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,46 +31,19 @@ pub struct Request {
 
 impl Request {
     pub fn view(&self) -> Result<RequestView> {
-        check_method(&self.method)?;
-        check_path(&self.path)?;
         let body = self.body.as_deref().unwrap_or("");
-        let orders = util::json_objects(body)
-            .iter()
-            .map(|o| OrderView {
-                symbol: util::json_text(o.get("instId")),
-                quantity: util::json_text(o.get("sz")),
-                price: util::json_text(o.get("px")),
-            })
-            .filter(|o| *o != OrderView::default())
-            .collect();
-        Ok(RequestView {
-            method: Some(self.method.clone()),
-            path: Some(self.path.clone()),
-            body_len: body.len(),
-            orders,
-            typed_data: None,
-        })
+        let orders = util::json_orders(body, None, |o| util::json_order(o, ["instId", "sz", "px"]));
+        util::http_view(&self.method, &self.path, body, orders)
     }
 
     pub fn build(self, key: &KeyInfo, clock: &mut Clock<'_>) -> Result<Plan> {
-        let key_type = key.key_type()?;
-        if !key_type.is_hmac() {
-            return Err(unsupported_key(ProfileName::Okx, key_type));
-        }
-        let api_key = bound_field(
-            "api_key",
-            self.api_key.as_deref(),
-            key.api_key.as_deref(),
-            true,
-        )?
-        .unwrap_or_default();
-        let passphrase = bound_field(
+        key.key_type_for(ProfileName::Okx, KeyType::is_hmac)?;
+        let api_key = required_field("api_key", self.api_key.as_deref(), key.api_key.as_deref())?;
+        let passphrase = required_field(
             "passphrase",
             self.passphrase.as_deref(),
             key.passphrase.as_deref(),
-            true,
-        )?
-        .unwrap_or_default();
+        )?;
         let ts = clock.timestamp_ms("timestamp", self.timestamp)?;
         let iso = iso_millis(ts)?;
         let query = self.query.unwrap_or_default();
@@ -85,23 +58,22 @@ impl Request {
             self.body.unwrap_or_default()
         );
         let simulated = self.simulated.unwrap_or(false);
-        Ok(Plan::new(
+        Ok(Plan::text_with_headers(
             Algorithm::HmacSha256,
-            payload.clone().into_bytes(),
-            move |sig| {
-                let signature = util::b64(&sig.bytes);
+            payload,
+            ts,
+            util::b64,
+            move |signature| {
                 let mut headers = vec![
                     ("OK-ACCESS-KEY", api_key),
-                    ("OK-ACCESS-SIGN", signature.clone()),
+                    ("OK-ACCESS-SIGN", signature),
                     ("OK-ACCESS-TIMESTAMP", iso),
                     ("OK-ACCESS-PASSPHRASE", passphrase),
                 ];
                 if simulated {
                     headers.push(("x-simulated-trading", "1".into()));
                 }
-                Ok(Output::new(signature, &headers)
-                    .with("payload", payload)
-                    .with("timestamp", ts))
+                headers
             },
         ))
     }
@@ -123,8 +95,9 @@ fn iso_millis(ms: u64) -> Result<String> {
 mod tests {
     use serde_json::json;
 
+    use super::super::util::test_keys::ED25519_PKCS8;
     use super::super::util::test_support::*;
-    use super::super::{parse, ClientTime, KeyInfo, ProfileName};
+    use super::super::{ClientTime, KeyInfo, ProfileName};
     use crate::model::KeyType;
 
     const P: ProfileName = ProfileName::Okx;
@@ -178,8 +151,7 @@ mod tests {
             "eCnnCgWLjlQ9XnpUkrcny3qNq3WW/81KNrDr/XR6Xv8="
         );
         assert_eq!(out["headers"]["x-simulated-trading"], "1");
-        let names: Vec<&String> = out["headers"].as_object().unwrap().keys().collect();
-        assert_eq!(names.len(), 5);
+        assert_eq!(field_names(&out["headers"]).len(), 5);
     }
 
     #[test]
@@ -210,16 +182,15 @@ mod tests {
         assert_eq!(out.0["headers"]["OK-ACCESS-PASSPHRASE"], "pp");
         assert_eq!(out.0["timestamp"], NOW_MS);
         let batch = r#"[{"instId":"BTC-USDT","tdMode":"cash","side":"buy","ordType":"limit","px":"2.15","sz":"2"},{"instId":"ETH-USDT","sz":"1"}]"#;
-        let v = parse(
+        let v = view(
             P,
             &json!({"method":"POST","path":"/api/v5/trade/batch-orders","body":batch}),
-        )
-        .unwrap();
-        assert_eq!(v.view.orders.len(), 2);
-        assert_eq!(v.view.orders[0].price.as_deref(), Some("2.15"));
-        assert_eq!(v.view.orders[1].quantity.as_deref(), Some("1"));
-        let v = parse(P, &json!({"method":"POST","path":"/x","body":"[[["})).unwrap();
-        assert!(v.view.orders.is_empty());
+        );
+        assert_eq!(v.orders.len(), 2);
+        assert_eq!(v.orders[0].price.as_deref(), Some("2.15"));
+        assert_eq!(v.orders[1].quantity.as_deref(), Some("1"));
+        let v = view(P, &json!({"method":"POST","path":"/x","body":"[[["}));
+        assert!(v.orders.is_empty());
     }
 
     #[test]
@@ -240,7 +211,7 @@ mod tests {
             err_with(P, &ts, &k, ClientTime::Reject).code(),
             "bad_request"
         );
-        let ed = pem(super::super::util::test_keys::ED25519_PKCS8);
+        let ed = pem(ED25519_PKCS8);
         assert!(bad(P, &ts, &ed).contains("ed25519"));
     }
 }

@@ -5,8 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::evm::{self, TypedData};
-use super::{util, Clock, KeyInfo, Output, Plan, ProfileName, RequestView, TypedDataView};
-use crate::backend::Signature;
+use super::{util, Clock, KeyInfo, Plan, ProfileName, RequestView, TypedDataView};
 use crate::error::{Error, Result};
 use crate::model::{Algorithm, KeyType};
 
@@ -95,14 +94,8 @@ impl Request {
                     .path
                     .as_deref()
                     .ok_or_else(|| bad("`path` is required for auth \"l2\""))?;
-                util::check_method(method)?;
-                util::check_path(path)?;
-                Ok(RequestView {
-                    method: Some(method.into()),
-                    path: Some(path.into()),
-                    body_len: self.body.as_deref().map_or(0, str::len),
-                    ..RequestView::default()
-                })
+                let body = self.body.as_deref().unwrap_or("");
+                util::http_view(method, path, body, Vec::new())
             }
         }
     }
@@ -140,28 +133,16 @@ impl Request {
     }
 
     fn build_l2(self, key: &KeyInfo, clock: &mut Clock<'_>) -> Result<Plan> {
-        let key_type = key.key_type()?;
-        if !matches!(key_type, KeyType::HmacSha256 | KeyType::HmacSha512) {
-            return Err(super::unsupported_key(PROFILE, key_type));
-        }
-        let api_key = required(util::bound_field(
-            "api_key",
-            self.api_key.as_deref(),
-            key.api_key.as_deref(),
-            true,
-        )?)?;
-        let passphrase = required(util::bound_field(
+        key.key_type_for(PROFILE, KeyType::is_hmac)?;
+        let api_key =
+            util::required_field("api_key", self.api_key.as_deref(), key.api_key.as_deref())?;
+        let passphrase = util::required_field(
             "passphrase",
             self.passphrase.as_deref(),
             key.passphrase.as_deref(),
-            true,
-        )?)?;
-        let address = required(util::bound_field(
-            "address",
-            self.address.as_deref(),
-            key.address.as_deref(),
-            true,
-        )?)?;
+        )?;
+        let address =
+            util::required_field("address", self.address.as_deref(), key.address.as_deref())?;
         header_value("api_key", &api_key)?;
         header_value("passphrase", &passphrase)?;
         evm::parse_address("address", &address)?;
@@ -171,29 +152,22 @@ impl Request {
             self.path.unwrap_or_default(),
         );
         let payload = format!("{ts}{method}{path}{}", self.body.unwrap_or_default());
-        let message = payload.as_bytes().to_vec();
-        Ok(Plan::new(
+        Ok(Plan::text_with_headers(
             Algorithm::HmacSha256,
-            message,
-            move |sig: &Signature| {
-                let signature = util::b64url_padded(&sig.bytes);
-                let headers = [
+            payload,
+            ts,
+            util::b64url_padded,
+            move |signature| {
+                vec![
                     ("POLY_ADDRESS", address),
-                    ("POLY_SIGNATURE", signature.clone()),
+                    ("POLY_SIGNATURE", signature),
                     ("POLY_TIMESTAMP", ts.to_string()),
                     ("POLY_API_KEY", api_key),
                     ("POLY_PASSPHRASE", passphrase),
-                ];
-                Ok(Output::new(signature, &headers)
-                    .with("payload", payload)
-                    .with("timestamp", ts))
+                ]
             },
         ))
     }
-}
-
-fn required(v: Option<String>) -> Result<String> {
-    v.ok_or_else(|| Error::Internal("required field missing after check".into()))
 }
 
 /// Values that become HTTP header values: non-empty, no control characters.
@@ -238,12 +212,10 @@ fn clob_auth_digest(address: &str, ts: u64, nonce: u64, chain_id: u64) -> Result
 
 #[cfg(test)]
 mod tests {
-    use super::super::eip191::tests::{run, secp_key};
-    use super::super::{parse, ClientTime, Clock, KeyInfo, ProfileName, TypedDataView};
-    use crate::backend::material;
+    use super::super::util::test_support::*;
+    use super::super::{ClientTime, Clock, KeyInfo, ProfileName, TypedDataView};
     use crate::backend::soft::MemoryKey;
     use crate::model::KeyType;
-    use crate::secret::SecretBytes;
     use base64::Engine;
     use serde_json::{json, Value};
 
@@ -257,7 +229,7 @@ mod tests {
         // chain AMOY (80002), sign_clob_auth_message(signer, 10000000, 23).
         let (key, info) = secp_key(PK);
         let req = json!({"auth": "l1", "chain_id": 80002, "timestamp": 10000000, "nonce": 23});
-        let out = run(P, &req, &key, &info, 0).unwrap();
+        let out = run_as(P, &req, &key, &info).unwrap();
         let sig = "0xf62319a987514da40e57e2f4d7529f7bac38f0355bd88bb5adbb3768d80de6c1682518e0af677d5260366425f4361e7b70c25ae232aff0ab2331e2b164a1aedc1b";
         assert_eq!(out["signature"], sig);
         assert_eq!(out["address"], "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
@@ -272,14 +244,8 @@ mod tests {
                 "POLY_NONCE": "23"
             })
         );
-        let keys: Vec<&str> = out
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
         assert_eq!(
-            keys,
+            field_names(&out),
             [
                 "signature",
                 "headers",
@@ -300,7 +266,7 @@ mod tests {
         // chain MUMBAI (80001), same timestamp and nonce.
         let (key, info) = secp_key(PK);
         let req = json!({"auth": "l1", "chain_id": 80001, "timestamp": 10000000, "nonce": 23});
-        let out = run(P, &req, &key, &info, 0).unwrap();
+        let out = run_as(P, &req, &key, &info).unwrap();
         assert_eq!(
             out["signature"],
             "0xd91760ebcb14e814e9e12600b9bc7cd6bf13ebc175f6a28538b4925763f94f90012da34dd71290d441c28bc4f9b2281d3eb9ecfd1c9a63db1ce9ca85c89c914c1b"
@@ -317,25 +283,24 @@ mod tests {
             client_time: ClientTime::Reject,
             nonces: &mut nonces,
         };
-        let parsed = parse(P, &json!({"auth": "l1", "nonce": 5})).unwrap();
+        let req = json!({"auth": "l1", "nonce": 5});
         assert_eq!(
-            parsed.view.typed_data,
+            view(P, &req).typed_data,
             Some(TypedDataView {
                 domain_name: Some("ClobAuthDomain".into()),
                 primary_type: "ClobAuth".into()
             })
         );
-        let plan = parsed.build(&info, &mut clock).unwrap();
-        let sig = key.sign(plan.alg, &plan.message).unwrap();
-        let out = plan.finish(&sig).unwrap().into_value();
+        let out = sign_on(P, &req, &key, &info, &mut clock)
+            .unwrap()
+            .into_value();
         assert_eq!(out["timestamp"], 1_700_000_000u64);
         assert_eq!(out["headers"]["POLY_NONCE"], "5");
-        let same = run(
+        let same = run_as(
             P,
             &json!({"auth": "l1", "nonce": 5, "chain_id": 137, "timestamp": 1_700_000_000u64}),
             &key,
             &info,
-            0,
         )
         .unwrap();
         assert_eq!(same["signature"], out["signature"]);
@@ -350,9 +315,8 @@ mod tests {
                 client_time,
                 nonces: &mut nonces,
             };
-            let r = parse(P, &json!({"auth": "l1", "timestamp": 1_700_000_000u64}))
-                .unwrap()
-                .build(&info, &mut clock);
+            let req = json!({"auth": "l1", "timestamp": 1_700_000_000u64});
+            let r = sign_on(P, &req, &key, &info, &mut clock);
             assert_eq!(r.is_ok(), ok, "{client_time:?}");
             if let Err(e) = r {
                 assert_eq!(e.code(), "bad_request");
@@ -365,12 +329,9 @@ mod tests {
         let raw = base64::engine::general_purpose::URL_SAFE
             .decode(secret_b64url)
             .unwrap();
-        let m = material::parse(SecretBytes::new(raw), Some(KeyType::HmacSha256)).unwrap();
-        let info = KeyInfo {
-            key_type: Some(KeyType::HmacSha256),
-            ..KeyInfo::default()
-        };
-        (MemoryKey::from_material(&m).unwrap(), info)
+        let key = hmac(&raw, KeyType::HmacSha256);
+        let info = info(&key);
+        (key, info)
     }
 
     fn l2(body: Value) -> Value {
@@ -392,7 +353,7 @@ mod tests {
         // build_hmac_signature("AAAA…A=", "1000000", "test-sign", "/orders", '{"hash": "0x123"}')
         // == "ZwAdJKvoYRlEKDkNMwd5BuwNNtg93kNaR_oU2HrfVvc=" (body signed verbatim).
         let (key, info) = hmac_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-        let out = run(P, &l2(json!("{\"hash\": \"0x123\"}")), &key, &info, 0).unwrap();
+        let out = run_as(P, &l2(json!("{\"hash\": \"0x123\"}")), &key, &info).unwrap();
         let sig = "ZwAdJKvoYRlEKDkNMwd5BuwNNtg93kNaR_oU2HrfVvc=";
         assert_eq!(out["signature"], sig);
         assert_eq!(
@@ -410,14 +371,8 @@ mod tests {
                 "POLY_PASSPHRASE": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
             })
         );
-        let header_order: Vec<&str> = out["headers"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
         assert_eq!(
-            header_order,
+            field_names(&out["headers"]),
             [
                 "POLY_ADDRESS",
                 "POLY_SIGNATURE",
@@ -434,12 +389,11 @@ mod tests {
         // the client now JSON-encodes a string body before signing, so the bytes it sends are
         // "{\"hash\": \"0x123\"}" with quotes — signing those exact bytes gives its expected value.
         let (key, info) = hmac_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-        let out = run(
+        let out = run_as(
             P,
             &l2(json!("\"{\\\"hash\\\": \\\"0x123\\\"}\"")),
             &key,
             &info,
-            0,
         )
         .unwrap();
         assert_eq!(
@@ -451,23 +405,22 @@ mod tests {
     #[test]
     fn l2_view_defaults_and_errors() {
         let (key, mut info) = hmac_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-        let p = parse(P, &l2(json!("{}"))).unwrap();
-        assert_eq!(p.view.method.as_deref(), Some("test-sign"));
-        assert_eq!(p.view.path.as_deref(), Some("/orders"));
-        assert_eq!(p.view.body_len, 2);
+        let v = view(P, &l2(json!("{}")));
+        assert_eq!(v.method.as_deref(), Some("test-sign"));
+        assert_eq!(v.path.as_deref(), Some("/orders"));
+        assert_eq!(v.body_len, 2);
         // Empty body: nothing appended.
-        let out = run(P, &l2(Value::Null), &key, &info, 0).unwrap();
+        let out = run_as(P, &l2(Value::Null), &key, &info).unwrap();
         assert_eq!(out["payload"], "1000000test-sign/orders");
         // Bound values from the key.
         info.api_key = Some("k".into());
         info.passphrase = Some("p".into());
         info.address = Some("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266".into());
-        let out = run(
+        let out = run_as(
             P,
             &json!({"auth": "l2", "method": "GET", "path": "/x", "timestamp": 1}),
             &key,
             &info,
-            0,
         )
         .unwrap();
         assert_eq!(out["headers"]["POLY_API_KEY"], "k");
@@ -505,9 +458,9 @@ mod tests {
             (l2(Value::Null), true),
         ] {
             let r = if use_secp {
-                run(P, &req, &skey, &sinfo, 0)
+                run_as(P, &req, &skey, &sinfo)
             } else {
-                run(P, &req, &key, &info, 0)
+                run_as(P, &req, &key, &info)
             };
             let e = match r {
                 Ok(_) if req["timestamp"] == json!(u64::MAX) => continue,

@@ -147,19 +147,12 @@ mod tests {
     use super::super::util::test_keys::*;
     use super::super::util::test_support::*;
     use super::super::ProfileName;
-    use crate::backend::material::{self, SecretKeyMaterial};
+    use crate::backend::material;
     use crate::backend::soft::MemoryKey;
     use crate::model::KeyType;
     use crate::secret::SecretBytes;
 
     const P: ProfileName = ProfileName::Raw;
-
-    fn ed25519_from_seed(seed_hex: &str) -> MemoryKey {
-        let mut der = hex::decode("302e020100300506032b657004220420").unwrap();
-        der.extend(hex::decode(seed_hex).unwrap());
-        let m = SecretKeyMaterial::new(KeyType::Ed25519, SecretBytes::new(der));
-        MemoryKey::from_material(&m).unwrap()
-    }
 
     fn sig_hex(out: &serde_json::Value) -> String {
         hex::encode(STANDARD.decode(out["signature"].as_str().unwrap()).unwrap())
@@ -168,16 +161,14 @@ mod tests {
     // RFC 8032 §7.1, TEST 1 (empty message) and TEST 2 (one byte 0x72).
     #[test]
     fn kat_rfc8032_ed25519() {
-        let k =
-            ed25519_from_seed("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
+        let k = ed25519_seed(RFC8032_TEST1_SEED);
         let out = run(P, &json!({"data": ""}), &k);
         assert_eq!(
             sig_hex(&out),
             "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
         );
         assert_eq!(out["headers"], json!({}));
-        let k =
-            ed25519_from_seed("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb");
+        let k = ed25519_seed("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb");
         let out = run(P, &json!({"data": STANDARD.encode([0x72])}), &k);
         assert_eq!(
             sig_hex(&out),
@@ -238,41 +229,23 @@ mod tests {
 
     #[test]
     fn rsa_padding_choices_verify() {
-        use rsa::pkcs8::DecodePrivateKey;
-        use rsa::signature::Verifier;
         let k = pem(RSA_2048_PKCS8);
-        let pk = rsa::RsaPrivateKey::from_pkcs8_pem(RSA_2048_PKCS8)
-            .unwrap()
-            .to_public_key();
         let data = b"raw bytes";
         let out = run(P, &json!({"data": STANDARD.encode(data)}), &k);
-        let raw = STANDARD.decode(out["signature"].as_str().unwrap()).unwrap();
-        rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(pk.clone())
-            .verify(
-                data,
-                &rsa::pkcs1v15::Signature::try_from(raw.as_slice()).unwrap(),
-            )
-            .unwrap();
+        verify_rsa_pkcs1v15(RSA_2048_PKCS8, data, out["signature"].as_str().unwrap());
         let out = run(
             P,
             &json!({"data": STANDARD.encode(data), "padding": "pss"}),
             &k,
         );
-        let raw = STANDARD.decode(out["signature"].as_str().unwrap()).unwrap();
-        rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(pk, 32)
-            .verify(
-                data,
-                &rsa::pss::Signature::try_from(raw.as_slice()).unwrap(),
-            )
-            .unwrap();
+        verify_rsa_pss(RSA_2048_PKCS8, data, out["signature"].as_str().unwrap());
     }
 
     #[test]
     fn p256_is_raw_r_s() {
         use p256::ecdsa::signature::Verifier;
         use p256::pkcs8::DecodePrivateKey;
-        let m = crate::backend::soft::generate_material(KeyType::P256).unwrap();
-        let k = MemoryKey::from_material(&m).unwrap();
+        let (k, m) = generated(KeyType::P256);
         let out = run(P, &json!({"data": STANDARD.encode(b"m")}), &k);
         let raw = STANDARD.decode(out["signature"].as_str().unwrap()).unwrap();
         assert_eq!(raw.len(), 64);
@@ -297,10 +270,7 @@ mod tests {
         assert!(bad(P, &json!({"data": huge}), &h).contains("larger"));
         let just_over = STANDARD.encode(vec![0u8; super::MAX_DATA + 1]);
         bad(P, &json!({"data": just_over}), &h);
-        let secp = MemoryKey::from_material(
-            &crate::backend::soft::generate_material(KeyType::Secp256k1).unwrap(),
-        )
-        .unwrap();
+        let (secp, _) = generated(KeyType::Secp256k1);
         bad(P, &json!({"data": "AA==", "hash": "none"}), &secp);
     }
 }

@@ -3,7 +3,9 @@
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
+use serde_json::{Map, Value};
 
+use super::{OrderView, RequestView};
 use crate::error::{Error, Result};
 
 /// `method` must match `^[A-Za-z-]{1,16}$`; used verbatim.
@@ -70,6 +72,16 @@ pub fn bound_field(
         ))),
         (None, None) => Ok(None),
     }
+}
+
+/// A field the profile cannot sign without: [`bound_field`] with `required` set.
+pub fn required_field(
+    field: &str,
+    from_request: Option<&str>,
+    from_key: Option<&str>,
+) -> Result<String> {
+    bound_field(field, from_request, from_key, true)?
+        .ok_or_else(|| Error::Internal(format!("`{field}` missing after check")))
 }
 
 /// serde's message, cut to a sane length (it names the field and the expected type).
@@ -220,28 +232,97 @@ pub fn forbidden_form_param<'a>(s: &str, forbidden: &[&'a str]) -> Option<&'a st
 
 /// A JSON scalar as the exchange's text: strings verbatim, numbers in their JSON spelling.
 /// Other values (objects, arrays, bool, null) yield nothing — guards see only decimals.
-pub fn json_text(v: Option<&serde_json::Value>) -> Option<String> {
+pub fn json_text(v: Option<&Value>) -> Option<String> {
     match v? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
 /// The JSON objects of a body that is one object or an array of objects (batch orders);
 /// anything else (not JSON, scalars) yields none.
-pub fn json_objects(body: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    match serde_json::from_str::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(m)) => vec![m],
-        Ok(serde_json::Value::Array(items)) => items
+pub fn json_objects(body: &str) -> Vec<Map<String, Value>> {
+    match serde_json::from_str::<Value>(body) {
+        Ok(Value::Object(m)) => vec![m],
+        Ok(Value::Array(items)) => items
             .into_iter()
             .filter_map(|v| match v {
-                serde_json::Value::Object(m) => Some(m),
+                Value::Object(m) => Some(m),
                 _ => None,
             })
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// The orders of a JSON body (one object, or an array of objects); an object whose
+/// `batch_key` holds an array contributes that array's objects instead of itself. `order` maps
+/// one object and skips it with `None`.
+pub fn json_orders(
+    body: &str,
+    batch_key: Option<&str>,
+    order: impl Fn(&Map<String, Value>) -> Option<OrderView>,
+) -> Vec<OrderView> {
+    let mut out = Vec::new();
+    for obj in json_objects(body) {
+        match batch_key.and_then(|k| obj.get(k)) {
+            Some(Value::Array(items)) => {
+                out.extend(items.iter().filter_map(Value::as_object).filter_map(&order))
+            }
+            _ => out.extend(order(&obj)),
+        }
+    }
+    out
+}
+
+/// An order from a JSON object, fields named `[symbol, quantity, price]` in the exchange's
+/// spelling; `None` when it names none of them (the request is not an order).
+pub fn json_order(
+    o: &Map<String, Value>,
+    [symbol, quantity, price]: [&str; 3],
+) -> Option<OrderView> {
+    non_empty(OrderView {
+        symbol: json_text(o.get(symbol)),
+        quantity: json_text(o.get(quantity)),
+        price: json_text(o.get(price)),
+    })
+}
+
+/// The order form pairs (query and/or form body) name, fields as for [`json_order`].
+pub fn form_order(
+    pairs: &[(String, String)],
+    [symbol, quantity, price]: [&str; 3],
+) -> Vec<OrderView> {
+    non_empty(OrderView {
+        symbol: form_value(pairs, symbol),
+        quantity: form_value(pairs, quantity),
+        price: form_value(pairs, price),
+    })
+    .into_iter()
+    .collect()
+}
+
+fn non_empty(o: OrderView) -> Option<OrderView> {
+    (o != OrderView::default()).then_some(o)
+}
+
+/// Checks `method` and `path` (§0) and describes an HTTP request for policy.
+pub fn http_view(
+    method: &str,
+    path: &str,
+    body: &str,
+    orders: Vec<OrderView>,
+) -> Result<RequestView> {
+    check_method(method)?;
+    check_path(path)?;
+    Ok(RequestView {
+        method: Some(method.to_string()),
+        path: Some(path.to_string()),
+        body_len: body.len(),
+        orders,
+        typed_data: None,
+    })
 }
 
 /// SHA-256 of `data` (Kraken hashes the nonce and post data before the HMAC).
@@ -295,6 +376,25 @@ mod tests {
     }
 
     #[test]
+    fn required_fields_and_json_orders() {
+        assert_eq!(required_field("api_key", None, Some("k")).unwrap(), "k");
+        assert!(required_field("api_key", None, None).is_err());
+        let fields = ["s", "q", "p"];
+        let batch = r#"{"list":[{"s":"A"},1,{"x":1},{"q":"2"}],"s":"outer"}"#;
+        let orders = json_orders(batch, Some("list"), |o| json_order(o, fields));
+        assert_eq!(orders.len(), 2);
+        assert_eq!(orders[1].quantity.as_deref(), Some("2"));
+        // A batch key that holds no array leaves the object itself as the order.
+        let single = json_orders(r#"{"list":"x","s":"B"}"#, Some("list"), |o| {
+            json_order(o, fields)
+        });
+        assert_eq!(single[0].symbol.as_deref(), Some("B"));
+        let pairs = parse_form("s=C&p=1");
+        assert_eq!(form_order(&pairs, fields)[0].price.as_deref(), Some("1"));
+        assert!(form_order(&parse_form("x=1"), fields).is_empty());
+    }
+
+    #[test]
     fn percent_encodings() {
         assert_eq!(
             percent_encode_non_ascii("symbol=１&a=b c"),
@@ -326,9 +426,13 @@ mod tests {
 /// Drives a profile the way the agent and the offline CLI do, for the profile modules' tests.
 #[cfg(test)]
 pub(crate) mod test_support {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::signature::Verifier;
     use serde_json::Value;
 
-    use super::super::{parse, ClientTime, Clock, KeyInfo, Output, ProfileName};
+    use super::super::{parse, ClientTime, Clock, KeyInfo, Output, ProfileName, RequestView};
     use crate::backend::material::{self, SecretKeyMaterial};
     use crate::backend::soft::MemoryKey;
     use crate::error::{Error, Result};
@@ -348,11 +452,55 @@ pub(crate) mod test_support {
         MemoryKey::from_material(&m).unwrap()
     }
 
+    /// An Ed25519 key from its 32-byte seed (hex), as PKCS#8.
+    pub fn ed25519_seed(seed_hex: &str) -> MemoryKey {
+        let mut der = hex::decode("302e020100300506032b657004220420").unwrap();
+        der.extend(hex::decode(seed_hex).unwrap());
+        let m = SecretKeyMaterial::new(KeyType::Ed25519, SecretBytes::new(der));
+        MemoryKey::from_material(&m).unwrap()
+    }
+
+    /// A fresh key of type `t`, with its material (for the public key).
+    pub fn generated(t: KeyType) -> (MemoryKey, SecretKeyMaterial) {
+        let m = crate::backend::soft::generate_material(t).unwrap();
+        (MemoryKey::from_material(&m).unwrap(), m)
+    }
+
+    /// A secp256k1 key from hex text, with its KeyInfo (EIP-55 address derived).
+    pub fn secp_key(hex_key: &str) -> (MemoryKey, KeyInfo) {
+        let m = material::parse(
+            SecretBytes::from_slice(hex_key.as_bytes()),
+            Some(KeyType::Secp256k1),
+        )
+        .unwrap();
+        let spki = material::public_spki(&m).unwrap().unwrap();
+        let raw = crate::pubkey::raw_public_key(&spki).unwrap();
+        let info = KeyInfo {
+            key_type: Some(KeyType::Secp256k1),
+            address: Some(crate::pubkey::eth_address(&raw).unwrap()),
+            ..KeyInfo::default()
+        };
+        (MemoryKey::from_material(&m).unwrap(), info)
+    }
+
     pub fn info(k: &MemoryKey) -> KeyInfo {
         KeyInfo {
             key_type: Some(k.key_type()),
             ..KeyInfo::default()
         }
+    }
+
+    /// parse → build on `clock` → sign → finish.
+    pub fn sign_on(
+        profile: ProfileName,
+        req: &Value,
+        key: &MemoryKey,
+        info: &KeyInfo,
+        clock: &mut Clock<'_>,
+    ) -> Result<Output> {
+        let plan = parse(profile, req)?.build(info, clock)?;
+        let sig = key.sign(plan.alg, &plan.message)?;
+        plan.finish(&sig)
     }
 
     pub fn sign_with(
@@ -363,23 +511,28 @@ pub(crate) mod test_support {
         now_ms: u64,
         client_time: ClientTime,
     ) -> Result<Output> {
-        let parsed = parse(profile, req)?;
         let mut nonces = |now: u64| -> Result<u64> { Ok(now) };
         let mut clock = Clock {
             now_ms,
             client_time,
             nonces: &mut nonces,
         };
-        let plan = parsed.build(info, &mut clock)?;
-        let sig = key.sign(plan.alg, &plan.message)?;
-        plan.finish(&sig)
+        sign_on(profile, req, key, info, &mut clock)
     }
 
     /// Signs offline-style (client time accepted) and returns the output object.
     pub fn run(profile: ProfileName, req: &Value, key: &MemoryKey) -> Value {
-        sign_with(profile, req, key, &info(key), NOW_MS, ClientTime::Any)
-            .unwrap()
-            .into_value()
+        run_as(profile, req, key, &info(key)).unwrap()
+    }
+
+    /// [`run`] with the key's public facts as given (bound `api_key`, wallet address, …).
+    pub fn run_as(
+        profile: ProfileName,
+        req: &Value,
+        key: &MemoryKey,
+        info: &KeyInfo,
+    ) -> Result<Value> {
+        sign_with(profile, req, key, info, NOW_MS, ClientTime::Any).map(Output::into_value)
     }
 
     /// The error a request produces (client time as given).
@@ -400,6 +553,107 @@ pub(crate) mod test_support {
         let e = err_with(profile, req, key, ClientTime::Any);
         assert_eq!(e.code(), "bad_request", "{e}");
         e.to_string()
+    }
+
+    /// `req` carries client time: refused over the socket by default (`bad_request`), accepted
+    /// within `accepted` ms of skew and, if given, refused within `refused` ms.
+    pub fn check_client_time(
+        profile: ProfileName,
+        req: &Value,
+        key: &MemoryKey,
+        accepted: u64,
+        refused: Option<u64>,
+    ) {
+        assert_eq!(
+            err_with(profile, req, key, ClientTime::Reject).code(),
+            "bad_request"
+        );
+        let within = |skew| {
+            sign_with(
+                profile,
+                req,
+                key,
+                &info(key),
+                NOW_MS,
+                ClientTime::Within(skew),
+            )
+        };
+        assert!(within(accepted).is_ok());
+        if let Some(skew) = refused {
+            assert!(within(skew).is_err());
+        }
+    }
+
+    /// The view policy sees of a request that parses.
+    pub fn view(profile: ProfileName, req: &Value) -> RequestView {
+        parse(profile, req).unwrap().view
+    }
+
+    /// An object's field names in order (output fields, headers, params).
+    pub fn field_names(v: &Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    fn rsa_public(pem_text: &str) -> rsa::RsaPublicKey {
+        rsa::RsaPrivateKey::from_pkcs8_pem(pem_text)
+            .unwrap()
+            .to_public_key()
+    }
+
+    /// Checks a base64 RSASSA-PKCS1-v1_5/SHA-256 signature with the public key, and that it
+    /// does not verify another message.
+    pub fn verify_rsa_pkcs1v15(pem_text: &str, message: &[u8], sig_b64: &str) {
+        let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(rsa_public(pem_text));
+        let raw = STANDARD.decode(sig_b64).unwrap();
+        let sig = rsa::pkcs1v15::Signature::try_from(raw.as_slice()).unwrap();
+        vk.verify(message, &sig).unwrap();
+        assert!(vk.verify(b"tampered", &sig).is_err());
+    }
+
+    /// As [`verify_rsa_pkcs1v15`] for RSASSA-PSS/SHA-256 with salt length 32.
+    pub fn verify_rsa_pss(pem_text: &str, message: &[u8], sig_b64: &str) {
+        let vk =
+            rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(rsa_public(pem_text), 32);
+        let raw = STANDARD.decode(sig_b64).unwrap();
+        let sig = rsa::pss::Signature::try_from(raw.as_slice()).unwrap();
+        vk.verify(message, &sig).unwrap();
+        assert!(vk.verify(b"tampered", &sig).is_err());
+    }
+
+    /// The EIP's Mail example (ethereum/EIPs assets/eip-712/Example.js); `with_http_origin`
+    /// adds the `string httpOrigin` domain field of its earlier revision.
+    pub fn eip712_mail(with_http_origin: bool) -> Value {
+        use serde_json::json;
+        let mut domain_type = vec![
+            json!({"name": "name", "type": "string"}),
+            json!({"name": "version", "type": "string"}),
+            json!({"name": "chainId", "type": "uint256"}),
+        ];
+        let mut domain = json!({"name": "Ether Mail", "version": "1", "chainId": 1});
+        if with_http_origin {
+            domain_type.push(json!({"name": "httpOrigin", "type": "string"}));
+            domain["httpOrigin"] = json!("https://ether-mail.eth");
+        }
+        domain_type.push(json!({"name": "verifyingContract", "type": "address"}));
+        domain["verifyingContract"] = json!("0xCcCCccccCCCCcCCCCCCcCcCccCcCCCcCcccccccC");
+        json!({
+            "types": {
+                "EIP712Domain": domain_type,
+                "Person": [{"name": "name", "type": "string"}, {"name": "wallet", "type": "address"}],
+                "Mail": [
+                    {"name": "from", "type": "Person"},
+                    {"name": "to", "type": "Person"},
+                    {"name": "contents", "type": "string"}
+                ]
+            },
+            "primaryType": "Mail",
+            "domain": domain,
+            "message": {
+                "from": {"name": "Cow", "wallet": "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"},
+                "to": {"name": "Bob", "wallet": "0xbBbBBBBbbBBBbbbBbbBbbbbBBbBbbbbBbBbbBBbB"},
+                "contents": "Hello, Bob!"
+            }
+        })
     }
 }
 
@@ -438,6 +692,13 @@ XoNV+qUU1r+RGlgn17xPLWmfsOfvWV8hG3MGuDzClMaTZ5l/kWB/+7ZI/RiN36vU
 H85tz89CnQc921FHX8zz7g==
 -----END PRIVATE KEY-----
 ";
+
+    /// RFC 8032 §7.1 TEST 1 Ed25519 secret key (seed).
+    pub const RFC8032_TEST1_SEED: &str =
+        "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
+
+    /// keccak256("cow"): the key of the EIP-712 and eth-sig-util examples.
+    pub const COW_KEY: &str = "0xc85ef7d79691fe79573b1a7064c19c1a9819ebdbd1faaab1a8ec92344438aaf4";
 
     /// Ed25519 test key of sammchardy/python-binance `tests/test_cryptography.py`.
     pub const ED25519_PKCS8: &str = "-----BEGIN PRIVATE KEY-----
