@@ -22,6 +22,9 @@ die() {
 #   pkg-config libclang-dev bindgen-based -sys crates (PKCS#11, TPM, PC/SC backends)
 #   gcc libc6-dev           C parts of aws-lc-rs
 #   softhsm2 opensc         PKCS#11 token for tests (softhsm2-util, pkcs11-tool)
+#   swtpm swtpm-tools       software TPM 2.0 for tests (scripts/swtpm.sh)
+#   tpm2-tools              tpm2_* commands (adopting persistent keys, lockout recovery)
+#   libtss2-dev             tpm2-tss libraries and headers for tss-esapi (the TPM backend)
 #   python3                 the stdlib Python client and its examples
 #   procps util-linux       ps/pgrep; setpriv, runuser, script (multi-user tests, demo)
 #   passwd                  useradd (a second uid for the multi-user tests)
@@ -38,6 +41,10 @@ PACKAGES=(
     libc6-dev
     softhsm2
     opensc
+    swtpm
+    swtpm-tools
+    tpm2-tools
+    libtss2-dev
     python3
     procps
     util-linux

@@ -19,6 +19,9 @@ pub struct Config {
     /// PKCS#11 tokens by alias: `[pkcs11.<alias>]`.
     #[serde(default)]
     pub pkcs11: BTreeMap<String, TokenConfig>,
+    /// TPMs by alias: `[tpm.<alias>]` (docs/tpm.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tpm: BTreeMap<String, TpmConfig>,
     /// Named clients: `[clients.<name>]` (ARCHITECTURE §6, docs/policy.md).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub clients: BTreeMap<String, ClientRule>,
@@ -46,6 +49,36 @@ pub struct TokenConfig {
     /// Longest a request waits on the device before `backend_unavailable`.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+}
+
+/// One TPM 2.0, reached through a TCTI (docs/tpm.md).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=N`, … Unset: `$TPM2TOOLS_TCTI`, then
+    /// `$TCTI`, then `device:/dev/tpmrm0`.
+    pub tcti: Option<String>,
+    /// Owner-hierarchy auth source (`env:`/`file:`/`prompt`), if the owner has a password.
+    pub owner_auth: Option<String>,
+    /// Usage auth source for this TPM's keys: set on keys keyward creates or imports, and
+    /// presented for adopted persistent keys. Unset: keys have no auth value.
+    pub key_auth: Option<String>,
+    /// Longest a request waits on the TPM before `backend_unavailable`.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests that may wait for the TPM's worker before new ones are answered `busy`.
+    #[serde(default = "default_tpm_queue")]
+    pub queue: usize,
+    /// Keys kept loaded between requests (transient slots; the storage key takes one more).
+    #[serde(default = "default_tpm_loaded_keys")]
+    pub loaded_keys: usize,
+}
+
+fn default_tpm_queue() -> usize {
+    64
+}
+fn default_tpm_loaded_keys() -> usize {
+    1
 }
 
 fn default_module() -> PathBuf {
@@ -164,6 +197,24 @@ impl Config {
                     "{}: pkcs11.{alias}.timeout_ms must be > 0",
                     origin.display()
                 )));
+            }
+        }
+        for (alias, t) in &self.tpm {
+            let at = |what: &str| Error::Config(format!("{}: tpm.{alias}{what}", origin.display()));
+            if crate::model::KeyName::new(alias).is_err() {
+                return Err(at(": TPM aliases use [a-z0-9._-]"));
+            }
+            if let Some(tcti) = &t.tcti {
+                crate::backend::tpm::check_tcti(tcti).map_err(|e| at(&format!(".tcti: {e}")))?;
+            }
+            for (name, src) in [("owner_auth", &t.owner_auth), ("key_auth", &t.key_auth)] {
+                if let Some(s) = src {
+                    s.parse::<SecretSource>()
+                        .map_err(|e| at(&format!(".{name}: {e}")))?;
+                }
+            }
+            if t.timeout_ms == 0 || t.queue == 0 {
+                return Err(at(": timeout_ms and queue must be > 0"));
             }
         }
         self.policy(0)

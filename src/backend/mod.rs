@@ -4,6 +4,7 @@
 pub mod material;
 pub mod pkcs11;
 pub mod soft;
+pub mod tpm;
 
 use crate::error::{Error, Result};
 use crate::model::{Algorithm, BackendKind, KeyName, KeyRef, KeyType};

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod softhsm;
+pub mod swtpm;
 pub mod verify;
 
 use std::fs;
