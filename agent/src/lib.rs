@@ -25,6 +25,8 @@ use keyward::{Error, Result};
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const DRAIN: Duration = Duration::from_secs(10);
+/// How long exiting waits for runtime threads after the drain (a hung device call holds one).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Start-up options; everything else comes from keyward.toml.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -79,11 +81,23 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
     );
     lock_memory();
 
-    let passphrase = opts
-        .passphrase_source(&config)?
-        .read("identity passphrase")?;
-    let identity = keyward::identity::unlock(&home, &passphrase)?;
-    drop(passphrase);
+    // A TPM-sealed identity (identity.tpm) opens without input unless a passphrase source is
+    // named (--passphrase or agent.passphrase): naming one is also the recovery path.
+    let identity = if keyward::identity::is_sealed(&home)
+        && opts.passphrase.is_none()
+        && config.agent.passphrase.is_none()
+    {
+        let identity = keyward::identity::unlock_unattended(&home, &config)?;
+        tracing::info!("identity unsealed by the TPM (no passphrase)");
+        identity
+    } else {
+        let passphrase = opts
+            .passphrase_source(&config)?
+            .read("identity passphrase")?;
+        let identity = keyward::identity::unlock(&home, &passphrase)?;
+        drop(passphrase);
+        identity
+    };
     let recipient = identity.to_public();
     let soft = SoftBackend::new(&home.keys_dir(), recipient, Some(identity));
 
@@ -96,7 +110,7 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
         .thread_name("keyward-io")
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listener = server::bind(&socket)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(signals::watch_signals(state.clone(), tx));
@@ -116,7 +130,11 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
         server::serve(listener, state, rx, DRAIN).await;
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Do not wait for threads still inside a device call that never returned (pool.rs
+    // `Pool::sign_here`): their clients were answered and their connections closed.
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    served
 }
 
 /// Keep key material out of swap: lock all memory when the limit allows, else rely on the

@@ -5,6 +5,7 @@ pub mod material;
 pub mod pkcs11;
 pub mod soft;
 pub mod tpm;
+pub mod tpm_seal;
 
 use crate::error::{Error, Result};
 use crate::model::{Algorithm, BackendKind, KeyName, KeyRef, KeyType};

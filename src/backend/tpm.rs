@@ -681,7 +681,7 @@ impl From<Error> for Failure {
 
 /// The raw TSS2_RC of an error. tss-esapi 7 drops the layer when it decodes a response code,
 /// but its Display of the two formats prints the whole value, so it is read back from there.
-fn raw_rc(rc: &Tss2ResponseCode) -> Option<u32> {
+pub(crate) fn raw_rc(rc: &Tss2ResponseCode) -> Option<u32> {
     let s = match rc {
         Tss2ResponseCode::Success => return Some(0),
         Tss2ResponseCode::FormatZero(z) => z.to_string(),
@@ -1203,7 +1203,7 @@ fn low_s(s: &[u8]) -> Vec<u8> {
 
 /// The storage key template (TCG "ECC P-256 SRK"): a restricted decryption key with
 /// AES-128-CFB, noDA (it has no auth value to guess), derived from the owner seed.
-fn srk_template() -> tss_esapi::Result<Public> {
+pub(crate) fn srk_template() -> tss_esapi::Result<Public> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)

@@ -42,10 +42,16 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
             socket.display()
         )));
     }
+    // A TPM-sealed identity opens without a passphrase unless a source is named (the same rule
+    // as the foreground agent's): then nothing is read here and none is passed on.
+    let sealed = keyward::identity::is_sealed(&home)
+        && a.opts.passphrase.is_none()
+        && config.agent.passphrase.is_none();
     let source = a.opts.passphrase_source(&config)?;
     // Read a prompted, piped or environment passphrase here and hand it over on a pipe: the
     // long-lived agent must not carry it in its environment (/proc/<pid>/environ).
     let piped = match &source {
+        _ if sealed => None,
         SecretSource::File(_) => None,
         _ => Some(source.read("identity passphrase")?),
     };
@@ -71,12 +77,12 @@ pub fn run(ctx: &Ctx, a: AgentArgs) -> Result<()> {
         .arg("agent")
         .arg("--foreground")
         .arg("--socket")
-        .arg(&socket)
-        .arg("--passphrase");
+        .arg(&socket);
     match &source {
+        _ if sealed => &mut cmd,
         // Only a file source is passed on as is; everything else arrives on the pipe.
-        SecretSource::File(p) => cmd.arg(format!("file:{}", p.display())),
-        _ => cmd.arg("stdin"),
+        SecretSource::File(p) => cmd.arg("--passphrase").arg(format!("file:{}", p.display())),
+        _ => cmd.arg("--passphrase").arg("stdin"),
     };
     if let Some(f) = &a.opts.log_format {
         cmd.arg("--log-format").arg(f);

@@ -5,6 +5,7 @@ mod admin;
 mod agent;
 mod bench;
 mod client;
+mod identity;
 mod init;
 mod key;
 mod policy;
@@ -47,6 +48,9 @@ pub struct Cli {
 enum Command {
     /// Create a home: config, passphrase-protected identity, key directory.
     Init(init::InitArgs),
+    /// Seal the identity to a TPM, or check the seal (unattended agent start).
+    #[command(subcommand)]
+    Identity(identity::IdentityCmd),
     /// Start the agent (in the background unless --foreground).
     Agent(agent::AgentArgs),
     /// Show the running agent's state.
@@ -180,6 +184,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Init(a) => init::run(&ctx, a),
+        Command::Identity(c) => identity::run(&ctx, c),
         Command::Agent(a) => agent::run(&ctx, a),
         Command::Status => admin::status(&ctx),
         Command::Key(k) => key::run(&ctx, k),
