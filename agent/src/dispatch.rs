@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use keyward::backend::pkcs11::Pkcs11Backend;
 use keyward::backend::soft::SoftBackend;
+use keyward::backend::tpm::{TpmAuth, TpmBackend};
 use keyward::backend::{Backend, Health};
 use keyward::config::Config;
 use keyward::home::Home;
@@ -33,7 +34,7 @@ use super::pool::Pool;
 struct Served {
     meta: KeyMeta,
     current: KeyRef,
-    /// The backend holding the key (soft, or the PKCS#11 token its locator names).
+    /// The backend holding the key (soft, or the PKCS#11 token or TPM its locator names).
     backend: Arc<dyn Backend>,
     /// Set when the key's material could not be loaded: the key answers with this error.
     load_error: Option<String>,
@@ -53,6 +54,8 @@ pub struct State {
     soft: Arc<SoftBackend>,
     /// PKCS#11 tokens by alias (`[pkcs11.<alias>]`); replaced as a whole on reload.
     tokens: RwLock<Arc<HashMap<String, Arc<Pkcs11Backend>>>>,
+    /// TPMs by alias (`[tpm.<alias>]`); replaced as a whole on reload, like `tokens`.
+    tpms: RwLock<Arc<HashMap<String, Arc<TpmBackend>>>>,
     pool: Pool,
     table: RwLock<Arc<Table>>,
     config: RwLock<Arc<Config>>,
@@ -68,6 +71,7 @@ impl State {
         let locks = Locks::load(&home.state_dir())?;
         let pool = Pool::new(config.workers(), config.agent.queue);
         let tokens = build_tokens(&config, &HashMap::new())?;
+        let tpms = build_tpms(&config, &home, &HashMap::new())?;
         let agent_uid = keyward::sys::effective_uid();
         let gate = Gate::new(&config, &home.state_dir(), agent_uid)?;
         let state = State {
@@ -76,6 +80,7 @@ impl State {
             agent_uid,
             soft: Arc::new(soft),
             tokens: RwLock::new(Arc::new(tokens)),
+            tpms: RwLock::new(Arc::new(tpms)),
             pool,
             table: RwLock::new(Arc::new(Table {
                 keys: HashMap::new(),
@@ -184,6 +189,13 @@ impl State {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    fn tpms(&self) -> Arc<HashMap<String, Arc<TpmBackend>>> {
+        self.tpms
+            .read()
+            .map(|t| t.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     /// The backend that holds `key`.
     fn backend_for(&self, key: &KeyRef) -> Result<Arc<dyn Backend>> {
         match key.backend {
@@ -197,10 +209,36 @@ impl State {
                     ))),
                 }
             }
+            BackendKind::Tpm => {
+                let alias = key.locator.split_once(':').map_or("", |(a, _)| a);
+                match self.tpms().get(alias) {
+                    Some(t) => Ok(t.clone()),
+                    None => Err(Error::BackendUnavailable(format!(
+                        "tpm `{alias}` is not configured in keyward.toml ([tpm.{alias}])"
+                    ))),
+                }
+            }
             other => Err(Error::BackendUnavailable(format!(
                 "backend {other} is not available in this build"
             ))),
         }
+    }
+
+    /// A token key signed on the calling connection's thread, when the connection marked the
+    /// request lone and the token has an idle session (pool.rs `Pool::sign_here`); `None`:
+    /// queue it on the worker pool.
+    fn sign_here(
+        &self,
+        key: &KeyRef,
+        alg: Algorithm,
+        msg: &[u8],
+    ) -> Option<Result<keyward::backend::Signature>> {
+        if key.backend != BackendKind::Pkcs11 {
+            return None;
+        }
+        let alias = key.locator.split_once(':')?.0;
+        let token = self.tokens().get(alias)?.clone();
+        self.pool.sign_here(&token, key, alg, msg)
     }
 
     /// Re-read keyward.toml and the key registry. A bad config keeps the running one.
@@ -210,6 +248,11 @@ impl State {
         match self.tokens.write() {
             Ok(mut t) => *t = Arc::new(tokens),
             Err(p) => *p.into_inner() = Arc::new(tokens),
+        }
+        let tpms = build_tpms(&cfg, &self.home, &self.tpms())?;
+        match self.tpms.write() {
+            Ok(mut t) => *t = Arc::new(tpms),
+            Err(p) => *p.into_inner() = Arc::new(tpms),
         }
         let n = self.load_keys()?;
         self.gate.reload(&cfg)?;
@@ -514,6 +557,8 @@ impl State {
         let key_ref = s.current.clone();
         let sig = if backend.is_fast(alg) {
             backend.sign(&key_ref, alg, &msg)?
+        } else if let Some(sig) = self.sign_here(&key_ref, alg, &msg) {
+            sig?
         } else {
             let limit = backend.timeout();
             let job = self.pool.run(move || backend.sign(&key_ref, alg, &msg));
@@ -595,6 +640,17 @@ impl State {
                     detail,
                 }
             }))
+            .chain(self.tpms().values().map(|t| {
+                let (up, detail) = match t.health() {
+                    Health::Up => (true, None),
+                    Health::Down(why) => (false, Some(why)),
+                };
+                BackendStatus {
+                    kind: format!("tpm:{}", t.alias()),
+                    up,
+                    detail,
+                }
+            }))
             .collect(),
         })
     }
@@ -620,6 +676,31 @@ fn build_tokens(
             alias.clone(),
             Arc::new(Pkcs11Backend::new(alias, cfg.clone(), pin)),
         );
+    }
+    Ok(out)
+}
+
+/// Start the configured TPM backends, keeping `current` ones whose configuration did not
+/// change and whose auth value the TPM did not refuse (a reload is how an operator retries an
+/// auth value; keeping a backend keeps its connection and loaded keys).
+fn build_tpms(
+    config: &Config,
+    home: &Home,
+    current: &HashMap<String, Arc<TpmBackend>>,
+) -> Result<HashMap<String, Arc<TpmBackend>>> {
+    let mut out = HashMap::new();
+    for (alias, cfg) in &config.tpm {
+        if let Some(t) = current.get(alias) {
+            if t.config() == cfg && !t.auth_rejected() {
+                out.insert(alias.clone(), t.clone());
+                continue;
+            }
+        }
+        let auth = TpmAuth::read(alias, cfg)?;
+        // `new` does not fail when the TPM is absent: its keys answer backend_unavailable
+        // and the worker reconnects on use, so the agent and other keys still start.
+        let tpm = TpmBackend::new(alias, cfg.clone(), &home.keys_dir(), auth)?;
+        out.insert(alias.clone(), Arc::new(tpm));
     }
     Ok(out)
 }

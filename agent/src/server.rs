@@ -2,6 +2,7 @@
 //! connection, pipelined request handling with bounded in-flight work, graceful drain.
 
 use std::fs;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::dispatch::State;
+use super::pool;
 
 /// How long an unauthorised peer may take to send its first frame before we hang up.
 const UNAUTHORIZED_GRACE: Duration = Duration::from_secs(2);
@@ -180,6 +182,8 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
     let mut outbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 16 * 1024];
     let mut closing = false;
+    // A duplicate of the socket for the device watchdog (pool.rs), made at the first need.
+    let mut dup = None;
 
     'conn: loop {
         // Answer every complete frame already buffered. Fast requests are handled right here:
@@ -200,6 +204,27 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
                             push(&mut outbuf, &Response::err(rej.id, &rej.error));
                         }
                         Ok(req) if state.is_slow(&req.op) => {
+                            let lone = outbuf.is_empty()
+                                && !matches!(
+                                    frame::buffered(&inbuf[consumed..]),
+                                    Buffered::Complete(_)
+                                );
+                            if lone {
+                                // Nothing else buffered, no answer waiting to be written: this
+                                // task answers the request itself, so a token signature with
+                                // an idle session needs no hand-off to a worker thread and back
+                                // (pool.rs `Pool::sign_here`); otherwise it waits for the pool
+                                // here, bounded by the queue and the device timeout.
+                                let resp = match watchdog_socket(&mut dup, &rd) {
+                                    Some(socket) => {
+                                        let lone = pool::Answer { id: req.id, socket };
+                                        pool::LONE.scope(lone, answer(&state, &who, req)).await
+                                    }
+                                    None => answer(&state, &who, req).await,
+                                };
+                                push(&mut outbuf, &resp);
+                                continue;
+                            }
                             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                                 break 'conn;
                             };
@@ -257,6 +282,23 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
             break;
         }
     }
+}
+
+/// The connection's socket as the device watchdog writes to it: a duplicate descriptor, made
+/// once per connection (`None` if the process is out of descriptors).
+fn watchdog_socket(
+    dup: &mut Option<Arc<std::os::unix::net::UnixStream>>,
+    rd: &tokio::net::unix::OwnedReadHalf,
+) -> Option<Arc<std::os::unix::net::UnixStream>> {
+    if dup.is_none() {
+        *dup = rd
+            .as_ref()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(|fd| Arc::new(fd.into()));
+    }
+    dup.clone()
 }
 
 fn push(out: &mut Vec<u8>, resp: &Response) {

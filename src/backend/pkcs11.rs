@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,9 @@ struct Conn {
 struct Live {
     sessions: Mutex<Vec<Session>>,
     available: Condvar,
+    /// Threads waiting on `available` (changed under the `sessions` lock): giving a session
+    /// back wakes one only if someone waits, saving a futex call per operation.
+    waiting: AtomicUsize,
     keys: Mutex<HashMap<Vec<u8>, Arc<KeyObject>>>,
     slot: Slot,
     module: Arc<Module>,
@@ -273,6 +277,7 @@ impl Pkcs11Backend {
         Ok(Live {
             sessions: Mutex::new(sessions),
             available: Condvar::new(),
+            waiting: AtomicUsize::new(0),
             keys: Mutex::new(HashMap::new()),
             slot,
             module,
@@ -314,29 +319,41 @@ impl Pkcs11Backend {
                         self.alias
                     )));
                 }
+                live.waiting.fetch_add(1, Ordering::Relaxed);
                 pool = live
                     .available
                     .wait_timeout(pool, left)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                live.waiting.fetch_sub(1, Ordering::Relaxed);
             }
         };
         let result = f(&live, &session);
+        self.settle(&live, session, result)
+    }
+
+    /// Return the session after an operation, or retire the connection if the device is gone.
+    fn settle<T>(
+        &self,
+        live: &Arc<Live>,
+        session: Session,
+        result: std::result::Result<T, Failure>,
+    ) -> Result<T> {
         match result {
             Ok(v) => {
-                self.give_back(&live, session);
+                self.give_back(live, session);
                 Ok(v)
             }
             Err(Failure::Other(e)) => {
-                self.give_back(&live, session);
+                self.give_back(live, session);
                 Err(e)
             }
             Err(Failure::Gone(why)) => {
                 drop(session);
                 let mut c = self.conn();
-                if c.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, &live)) {
+                if c.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, live)) {
                     c.live = None;
-                    c.retired = Some(Arc::downgrade(&live));
+                    c.retired = Some(Arc::downgrade(live));
                     c.last_error = Some(why.clone());
                     c.next_attempt = Instant::now() + c.backoff;
                     c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
@@ -347,12 +364,51 @@ impl Pkcs11Backend {
         }
     }
 
-    fn give_back(&self, live: &Live, s: Session) {
-        live.sessions
+    /// A session that is idle right now, without waiting and without connecting: `None` when
+    /// the token is not connected or every session is in use (the caller then queues the
+    /// operation as usual). Lets the agent sign on the thread that read the request.
+    pub fn idle_session(&self) -> Option<IdleSession<'_>> {
+        let live = self.conn().live.clone()?;
+        let session = live
+            .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(s);
-        live.available.notify_one();
+            .pop()?;
+        Some(IdleSession {
+            backend: self,
+            live,
+            session: Some(session),
+        })
+    }
+
+    /// Sign with the key whose CKA_ID is `id` on `s` (the body of `Backend::sign`).
+    fn sign_on(
+        &self,
+        live: &Live,
+        s: &Session,
+        id: &[u8],
+        alg: Algorithm,
+        msg: &[u8],
+    ) -> std::result::Result<Signature, Failure> {
+        let k = self.key_object(live, s, id, None)?;
+        if !k.key_type.supports(alg) {
+            return Err(Failure::Other(Error::BadRequest(format!(
+                "scheme {alg} does not fit this {} key",
+                k.key_type
+            ))));
+        }
+        sign_with(s, &k, alg, msg)
+    }
+
+    fn give_back(&self, live: &Live, s: Session) {
+        let waiting = {
+            let mut pool = live.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            pool.push(s);
+            live.waiting.load(Ordering::Relaxed)
+        };
+        if waiting > 0 {
+            live.available.notify_one();
+        }
     }
 
     /// Find (and cache) the private/secret key object with CKA_ID `id`.
@@ -624,16 +680,7 @@ impl Backend for Pkcs11Backend {
 
     fn sign(&self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
         let id = self.id_of(key)?;
-        self.with_session(|live, s| {
-            let k = self.key_object(live, s, &id, None)?;
-            if !k.key_type.supports(alg) {
-                return Err(Failure::Other(Error::BadRequest(format!(
-                    "scheme {alg} does not fit this {} key",
-                    k.key_type
-                ))));
-            }
-            sign_with(s, &k, alg, msg)
-        })
+        self.with_session(|live, s| self.sign_on(live, s, &id, alg, msg))
     }
 
     fn delete(&self, key: &KeyRef) -> Result<()> {
@@ -651,6 +698,35 @@ impl Backend for Pkcs11Backend {
                 .remove(&id);
             Ok(())
         })
+    }
+}
+
+/// A session taken by [`Pkcs11Backend::idle_session`]; given back when signed with or dropped.
+pub struct IdleSession<'a> {
+    backend: &'a Pkcs11Backend,
+    live: Arc<Live>,
+    session: Option<Session>,
+}
+
+impl IdleSession<'_> {
+    /// `Backend::sign` on this session: the same key lookup, mechanism and device-loss
+    /// handling. Blocks for the device call.
+    pub fn sign(mut self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
+        let b = self.backend;
+        let id = b.id_of(key)?;
+        let Some(session) = self.session.take() else {
+            return Err(Error::Internal("idle session used twice".into()));
+        };
+        let result = b.sign_on(&self.live, &session, &id, alg, msg);
+        b.settle(&self.live, session, result)
+    }
+}
+
+impl Drop for IdleSession<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.backend.give_back(&self.live, s);
+        }
     }
 }
 

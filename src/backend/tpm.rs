@@ -211,6 +211,30 @@ struct Job {
     run: Box<dyn FnOnce(&mut Worker) + Send>,
 }
 
+/// Longest a dropped backend waits for its worker to flush the TPM's objects.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+impl Drop for TpmBackend {
+    /// Without a resource manager (swtpm, /dev/tpm0) loaded objects outlive the process and
+    /// fill the TPM's few transient slots, so a CLI command that exits must flush them first.
+    /// The wait is bounded: a hung TPM must not hang the exit.
+    fn drop(&mut self) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+        let job = Job {
+            deadline: Instant::now() + CLOSE_WAIT,
+            run: Box::new(move |w: &mut Worker| {
+                if let Some(mut c) = w.conn.take() {
+                    c.forget_all();
+                }
+                let _ = done_tx.send(());
+            }),
+        };
+        if self.tx.try_send(job).is_ok() {
+            let _ = done_rx.recv_timeout(CLOSE_WAIT);
+        }
+    }
+}
+
 impl TpmBackend {
     /// Configure a TPM and start its worker. Connects now if possible; a TPM that is absent
     /// at start is retried with backoff on use, so other keys keep working.

@@ -676,6 +676,15 @@ pub fn section(r: &Report, title: &str, note: &str) -> String {
     let _ = writeln!(w);
     if r.comparisons.iter().any(|c| c.vs_raw.is_some()) {
         let _ = writeln!(w, "Run details:\n");
+        let _ = writeln!(
+            w,
+            "- Measured on {}{}",
+            r.date,
+            r.command
+                .as_deref()
+                .map(|c| format!(" by `{c}`"))
+                .unwrap_or_default()
+        );
         let _ = writeln!(w, "- {}", duration_text(r));
         if let Some(l) = r.machine.load_1m {
             let _ = writeln!(w, "- Load average (1 min) when this run started: {l:.2}");

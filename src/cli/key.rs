@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use keyward::backend::material;
 use keyward::backend::pkcs11::Pkcs11Backend;
 use keyward::backend::soft::SoftBackend;
+use keyward::backend::tpm::{TpmAuth, TpmBackend};
 use keyward::backend::{Backend, KeySpec, NewKey};
 use keyward::config::Config;
 use keyward::home::Home;
@@ -50,21 +51,28 @@ pub enum KeyCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Adopt a key another tool created on a token (by label or CKA_ID).
+    /// Adopt a key another tool created: on a PKCS#11 token (by label or CKA_ID) or a TPM
+    /// persistent key (by handle).
+    // Exactly one way to name the object; which one fits the backend is checked in `run`,
+    // so the message can name the right option.
+    #[command(group = clap::ArgGroup::new("object").required(true).args(["label", "id", "handle"]))]
     Adopt {
         name: KeyName,
-        /// Backend holding the object (pkcs11).
-        #[arg(long, value_parser = ["pkcs11"])]
+        /// Backend holding the object: pkcs11 (needs --label or --id) or tpm (needs --handle).
+        #[arg(long, value_parser = ["pkcs11", "tpm"])]
         backend: String,
-        /// Token alias from keyward.toml (`[pkcs11.<alias>]`).
+        /// Token or TPM alias from keyward.toml (`[pkcs11.<alias>]` / `[tpm.<alias>]`).
         #[arg(long)]
         token: String,
-        /// The object's CKA_LABEL.
-        #[arg(long, required_unless_present = "id", conflicts_with = "id")]
+        /// The object's CKA_LABEL (pkcs11).
+        #[arg(long)]
         label: Option<String>,
-        /// The object's CKA_ID, hex.
+        /// The object's CKA_ID, hex (pkcs11).
         #[arg(long)]
         id: Option<String>,
+        /// The TPM persistent handle, 0x81000000-0x81ffffff (tpm).
+        #[arg(long, value_name = "0x81…")]
+        handle: Option<String>,
         /// prod or demo.
         #[arg(long, default_value = "prod")]
         env: Env,
@@ -93,10 +101,12 @@ pub enum KeyCmd {
 
 #[derive(clap::Args)]
 pub struct Common {
-    /// Where the key lives: soft (encrypted file) or pkcs11 (a token, see --token).
-    #[arg(long, value_parser = ["soft", "pkcs11"], default_value = "soft")]
+    /// Where the key lives: soft (encrypted file), pkcs11 (a token) or tpm (a TPM 2.0); the
+    /// last two need --token.
+    #[arg(long, value_parser = ["soft", "pkcs11", "tpm"], default_value = "soft")]
     backend: String,
-    /// Token alias from keyward.toml (`[pkcs11.<alias>]`) for --backend pkcs11.
+    /// Alias from keyward.toml: `[pkcs11.<alias>]` for --backend pkcs11, `[tpm.<alias>]` for
+    /// --backend tpm.
     #[arg(long, value_name = "ALIAS")]
     token: Option<String>,
     /// prod or demo (a demo client can never use a prod key).
@@ -223,27 +233,44 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
         }
         KeyCmd::Adopt {
             name,
-            backend: _,
+            backend,
             token,
             label,
             id,
+            handle,
             env,
             api_key,
         } => {
             prepare_new(&store, &name)?;
-            let id = id
-                .map(|h| hex::decode(h.trim_start_matches("0x")))
-                .transpose()
-                .map_err(|_| Error::BadRequest("--id must be hex".into()))?;
-            let tok = open_token(&home, &token)?;
-            let (key_ref, key_type, public) = tok.adopt(label.as_deref(), id.as_deref())?;
+            let (key_ref, key_type, public) = if backend == "tpm" {
+                if label.is_some() || id.is_some() {
+                    return Err(Error::BadRequest(
+                        "--backend tpm adopts by --handle; --label and --id are for pkcs11".into(),
+                    ));
+                }
+                let handle = handle.as_deref().ok_or_else(|| {
+                    Error::BadRequest("--backend tpm needs --handle 0x81xxxxxx".into())
+                })?;
+                open_tpm(&home, &token)?.adopt(parse_handle(handle)?)?
+            } else {
+                if handle.is_some() {
+                    return Err(Error::BadRequest(
+                        "--handle is for --backend tpm; pkcs11 adopts by --label or --id".into(),
+                    ));
+                }
+                let id = id
+                    .map(|h| hex::decode(h.trim_start_matches("0x")))
+                    .transpose()
+                    .map_err(|_| Error::BadRequest("--id must be hex".into()))?;
+                open_token(&home, &token)?.adopt(label.as_deref(), id.as_deref())?
+            };
             let spec = KeySpec {
                 name: name.clone(),
                 version: 1,
                 key_type,
             };
             let common = Common {
-                backend: "pkcs11".into(),
+                backend,
                 token: Some(token),
                 env,
                 api_key,
@@ -255,7 +282,12 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
             let note = notify_agent(ctx);
             ctx.emit(&meta_json(&meta), || {
                 format!(
-                    "adopted {name} ({key_type}) from token {}, fingerprint {}; {note}",
+                    "adopted {name} ({key_type}) from {} {}, fingerprint {}; {note}",
+                    if common.backend == "tpm" {
+                        "TPM"
+                    } else {
+                        "token"
+                    },
                     common.token.as_deref().unwrap_or_default(),
                     meta.versions[0].fingerprint
                 )
@@ -346,10 +378,11 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
     }
 }
 
-/// The backend a key command works on: the soft store, or one configured token.
+/// The backend a key command works on: the soft store, one configured token or one TPM.
 enum Target {
     Soft(SoftBackend),
     Token(Box<Pkcs11Backend>),
+    Tpm(Box<TpmBackend>),
 }
 
 impl Target {
@@ -365,12 +398,13 @@ impl Target {
                 identity,
             ))),
             ("soft", Some(_)) => Err(Error::BadRequest(
-                "--token goes with --backend pkcs11".into(),
+                "--token goes with --backend pkcs11 or --backend tpm".into(),
             )),
+            ("tpm", Some(alias)) => Ok(Target::Tpm(Box::new(open_tpm(home, alias)?))),
             (_, Some(alias)) => Ok(Target::Token(Box::new(open_token(home, alias)?))),
-            (_, None) => Err(Error::BadRequest(
-                "--backend pkcs11 needs --token ALIAS".into(),
-            )),
+            (b, None) => Err(Error::BadRequest(format!(
+                "--backend {b} needs --token ALIAS"
+            ))),
         }
     }
 
@@ -387,6 +421,11 @@ impl Target {
                 let alias = v.locator.split_once(':').map_or("", |(a, _)| a);
                 Ok(Target::Token(Box::new(open_token(home, alias)?)))
             }
+            BackendKind::Tpm => {
+                let v = meta.current_version()?;
+                let alias = v.locator.split_once(':').map_or("", |(a, _)| a);
+                Ok(Target::Tpm(Box::new(open_tpm(home, alias)?)))
+            }
             other => Err(Error::Unsupported(format!(
                 "backend {other} is not available"
             ))),
@@ -397,6 +436,7 @@ impl Target {
         match self {
             Target::Soft(b) => b,
             Target::Token(b) => b.as_ref(),
+            Target::Tpm(b) => b.as_ref(),
         }
     }
 
@@ -406,7 +446,8 @@ impl Target {
         let key_ref = meta.key_ref(&meta.versions[0]);
         let same = match self {
             Target::Soft(b) => b.decrypt(&key_ref, meta.key_type)?.expose() == reference.expose(),
-            Target::Token(b) => {
+            Target::Token(_) | Target::Tpm(_) => {
+                let b = self.get();
                 let probe = b"keyward import verification";
                 let alg = meta.key_type.default_algorithm();
                 let sig = b.sign(&key_ref, alg, probe)?;
@@ -482,6 +523,33 @@ pub fn open_token(home: &Home, alias: &str) -> Result<Pkcs11Backend> {
     let source: SecretSource = cfg.pin.parse()?;
     let pin = source.read(&format!("PIN of token {alias}"))?;
     Pkcs11Backend::connect(alias, cfg, pin)
+}
+
+/// Connect to a TPM configured as `[tpm.<alias>]`, reading its auth values from their sources.
+pub fn open_tpm(home: &Home, alias: &str) -> Result<TpmBackend> {
+    let config = Config::load(&home.config_path())?;
+    let cfg = config.tpm.get(alias).cloned().ok_or_else(|| {
+        Error::Config(format!(
+            "no TPM `{alias}` in {}: add a [tpm.{alias}] section (docs/tpm.md)",
+            home.config_path().display()
+        ))
+    })?;
+    let auth = TpmAuth::read(alias, &cfg)?;
+    TpmBackend::connect(alias, cfg, &home.keys_dir(), auth)
+}
+
+/// A persistent handle as tpm2-tools prints it (`0x81000001`; decimal is accepted too).
+fn parse_handle(s: &str) -> Result<u32> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse::<u32>(),
+    };
+    parsed.map_err(|_| {
+        Error::BadRequest(format!(
+            "--handle {s:?} is not a TPM handle (e.g. 0x81000001)"
+        ))
+    })
 }
 
 /// Refuse an existing name; clear material an interrupted earlier create left behind.

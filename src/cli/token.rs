@@ -1,9 +1,11 @@
-//! `keyward token list|init`: see the tokens a PKCS#11 module offers, and initialise one
-//! (a SoftHSM/dev convenience; production HSMs are initialised with their vendor's tools).
+//! `keyward token list|init`: see the tokens a PKCS#11 module offers and the configured TPMs,
+//! and initialise a token (a SoftHSM/dev convenience; production HSMs are initialised with
+//! their vendor's tools).
 
 use std::path::PathBuf;
 
 use keyward::backend::pkcs11::{self, TokenSummary};
+use keyward::backend::tpm::{self, TpmAuth, TpmBackend, TpmSummary};
 use keyward::config::{Config, DEFAULT_PKCS11_MODULE};
 use keyward::home::Home;
 use keyward::secret::SecretSource;
@@ -14,7 +16,8 @@ use super::Ctx;
 
 #[derive(clap::Subcommand)]
 pub enum TokenCmd {
-    /// List the tokens of the configured PKCS#11 modules (or of --module).
+    /// List the tokens of the configured PKCS#11 modules (or of --module) and the configured
+    /// TPMs (`[tpm.<alias>]`: manufacturer, firmware, algorithms, PCR banks).
     List {
         /// A PKCS#11 module to inspect instead of the configured ones.
         #[arg(long, value_name = "PATH")]
@@ -42,19 +45,26 @@ pub enum TokenCmd {
 pub fn run(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::List { module, mechanisms } => {
-            let modules: Vec<PathBuf> = match module {
-                Some(m) => vec![m],
+            let (modules, tpms): (Vec<PathBuf>, Vec<TpmEntry>) = match module {
+                Some(m) => (vec![m], Vec::new()),
                 None => {
                     let home = Home::resolve(ctx.home.as_deref())?;
                     let cfg = Config::load(&home.config_path())?;
                     let mut m: Vec<PathBuf> =
                         cfg.pkcs11.values().map(|t| t.module.clone()).collect();
-                    if m.is_empty() {
+                    // The default module only when nothing is configured: a TPM-only host
+                    // need not have SoftHSM installed.
+                    if m.is_empty() && cfg.tpm.is_empty() {
                         m.push(PathBuf::from(DEFAULT_PKCS11_MODULE));
                     }
                     m.sort();
                     m.dedup();
-                    m
+                    let tpms = cfg
+                        .tpm
+                        .iter()
+                        .map(|(alias, t)| describe_tpm(&home, alias, t))
+                        .collect();
+                    (m, tpms)
                 }
             };
             let mut all = Vec::new();
@@ -64,9 +74,13 @@ pub fn run(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
             let v = json!(all
                 .iter()
                 .map(|(m, t)| json!({"module": m.display().to_string(), "tokens": t}))
+                .chain(tpms.iter().map(TpmEntry::to_json))
                 .collect::<Vec<_>>());
             ctx.emit(&v, || {
                 let mut s = String::new();
+                for t in &tpms {
+                    s.push_str(&t.describe());
+                }
                 for (m, tokens) in &all {
                     s.push_str(&format!("module {}\n", m.display()));
                     if tokens.is_empty() {
@@ -108,6 +122,72 @@ pub fn run(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
             });
             Ok(())
         }
+    }
+}
+
+/// One configured TPM as `token list` shows it: its facts, or why they could not be read (a
+/// TPM that is down must not hide the other TPMs and tokens).
+struct TpmEntry {
+    alias: String,
+    tcti: String,
+    facts: Result<TpmSummary>,
+}
+
+fn describe_tpm(home: &Home, alias: &str, cfg: &keyward::config::TpmConfig) -> TpmEntry {
+    let tcti = tpm::effective_tcti(cfg);
+    // Reading capabilities needs no authorisation: listing never prompts for or reads the
+    // configured auth values.
+    let facts = TpmBackend::connect(alias, cfg.clone(), &home.keys_dir(), TpmAuth::default())
+        .and_then(|b| b.describe());
+    TpmEntry {
+        alias: alias.to_string(),
+        tcti,
+        facts,
+    }
+}
+
+impl TpmEntry {
+    fn to_json(&self) -> serde_json::Value {
+        match &self.facts {
+            Ok(f) => json!({"tpm": self.alias, "tcti": self.tcti, "summary": f}),
+            Err(e) => json!({
+                "tpm": self.alias,
+                "tcti": self.tcti,
+                "error": {"code": e.code(), "message": e.to_string()},
+            }),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let f = match &self.facts {
+            Ok(f) => f,
+            Err(e) => {
+                return format!(
+                    "tpm {} ({})\n  unavailable: error[{}] {e}\n",
+                    self.alias,
+                    self.tcti,
+                    e.code()
+                )
+            }
+        };
+        let opt = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |n| n.to_string());
+        format!(
+            "tpm {} ({})\n  manufacturer {} {}, firmware {}, spec {}\n  algorithms: {}\n  ecc curves: {}\n  pcr banks: {}\n  transient slots {}, input buffer {} bytes, lockout counter {}/{}{}\n",
+            self.alias,
+            self.tcti,
+            f.manufacturer,
+            f.vendor.trim(),
+            f.firmware_version,
+            f.spec,
+            f.algorithms.join(" "),
+            f.ecc_curves.join(" "),
+            f.pcr_banks.join(" "),
+            opt(f.transient_slots),
+            opt(f.input_buffer),
+            opt(f.lockout_counter),
+            opt(f.max_auth_fail),
+            if f.in_lockout { " (IN LOCKOUT)" } else { "" }
+        )
     }
 }
 
