@@ -704,6 +704,16 @@ mod tests {
         compiled(text).unwrap()
     }
 
+    /// The client a peer with this uid (and gid) is identified as.
+    fn client(p: &Policy, uid: u32) -> Arc<Client> {
+        p.identify(&Peer {
+            uid,
+            gid: uid,
+            ..Peer::default()
+        })
+        .unwrap()
+    }
+
     fn view(method: &str, path: &str) -> RequestView {
         RequestView {
             method: Some(method.into()),
@@ -780,20 +790,8 @@ guards = { symbols = ["BTCUSDT"], max_quantity = "5", max_notional = "1000" }
     #[test]
     fn rules_deny_with_the_rule_named() {
         let p = policy(CFG);
-        let bot = p
-            .identify(&Peer {
-                uid: 1001,
-                gid: 1001,
-                ..Peer::default()
-            })
-            .unwrap();
-        let demo = p
-            .identify(&Peer {
-                uid: 1002,
-                gid: 1002,
-                ..Peer::default()
-            })
-            .unwrap();
+        let bot = client(&p, 1001);
+        let demo = client(&p, 1002);
         let name = KeyName::new("bn").unwrap();
         let facts = KeyFacts {
             name: &name,
@@ -883,13 +881,7 @@ guards = { symbols = ["BTCUSDT"], max_quantity = "5", max_notional = "1000" }
     #[test]
     fn explain_lists_every_rule() {
         let p = policy(CFG);
-        let bot = p
-            .identify(&Peer {
-                uid: 1001,
-                gid: 1001,
-                ..Peer::default()
-            })
-            .unwrap();
+        let bot = client(&p, 1001);
         let name = KeyName::new("bn").unwrap();
         let facts = KeyFacts {
             name: &name,
