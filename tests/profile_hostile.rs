@@ -194,11 +194,6 @@ fn exercise(p: ProfileName, req: &Value) -> Outcome {
     }
 }
 
-fn is_profile_unwritten(p: ProfileName) -> bool {
-    // A stub answers `unsupported` for every request; its hostile cases still must not panic.
-    matches!(exercise(p, &templates(p)[0]), Outcome::Rejected(ref c) if c == "unsupported")
-}
-
 fn set(req: &Value, field: &str, v: Value) -> Value {
     let mut r = req.clone();
     r[field] = v;
@@ -251,10 +246,6 @@ fn wrong_types(v: &Value) -> Vec<Value> {
 #[test]
 fn templates_are_accepted() {
     for p in ProfileName::ALL {
-        if is_profile_unwritten(p) {
-            eprintln!("profile {p} is not written yet; skipping its acceptance check");
-            continue;
-        }
         for t in templates(p) {
             // Raw is denied by policy, not here; every template must sign with some key.
             assert!(
