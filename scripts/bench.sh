@@ -2,20 +2,23 @@
 # Benchmark keyward against in-process signing and OpenSSH's ssh-agent holding the same keys
 # (Ed25519, P-256, RSA-2048, HMAC-SHA256; 1 and 4 clients), then keyward's PKCS#11 path on a
 # SoftHSM token against raw cryptoki calls on the same token (RSA-2048 PSS, P-256, Ed25519;
-# 1 and 4 clients), and write docs/benchmarks.md.
+# 1 and 4 clients), then keyward's TPM path on an swtpm against raw tss-esapi calls on the same
+# TPM (RSA-2048 PSS, P-256; 1 and 4 clients), and write docs/benchmarks.md.
 #
-#   scripts/bench.sh            full run: 5 s per case (~6 min), rewrites docs/benchmarks.md
+#   scripts/bench.sh            full run: 5 s per case (~8 min), rewrites docs/benchmarks.md
 #   scripts/bench.sh --quick    smoke run: 1 s per case, prints the tables, leaves the doc alone
 #   options: --duration SECS, --report PATH (write the markdown report there instead),
 #            --no-softhsm (skip the SoftHSM part), --softhsm-only (only the SoftHSM part; writes
 #            no report unless --report is given, and then replaces its section in that file,
 #            e.g. --softhsm-only --report docs/benchmarks.md, or appends it if there is none),
 #            --profiles-only (only the criterion benchmark of policy + profile overhead and
-#            sign_request through the agent, benches/profiles.rs; replaces its section likewise)
+#            sign_request through the agent, benches/profiles.rs; replaces its section likewise),
+#            --no-tpm (skip the TPM part), --tpm-only (only the TPM part; report as --softhsm-only)
 #
-# Everything (keys, keyward homes, the SoftHSM token dir and config, all agents' sockets) lives
-# in a temp dir removed on exit; every agent is stopped on exit, also on failure or Ctrl-C.
-# The SoftHSM part needs the softhsm2 package (scripts/setup.sh); without it, it is skipped.
+# Everything (keys, keyward homes, the SoftHSM token dir and config, the swtpm state, all agents'
+# sockets) lives in a temp dir removed on exit; every agent and the swtpm are stopped on exit,
+# also on failure or Ctrl-C. The SoftHSM part needs the softhsm2 package, the TPM part swtpm
+# (scripts/setup.sh); without them, those parts are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -29,6 +32,7 @@ die() {
 QUICK=0
 SOFT=1
 SOFTHSM=auto
+TPM=auto
 PROFILES=1
 DURATION=5
 REPORT=docs/benchmarks.md
@@ -55,14 +59,23 @@ while [ $# -gt 0 ]; do
         SOFTHSM=only
         SOFT=0
         PROFILES=0
+        TPM=skip
         ;;
     --profiles-only)
         SOFTHSM=skip
         SOFT=0
         PROFILES=only
+        TPM=skip
+        ;;
+    --no-tpm) TPM=skip ;;
+    --tpm-only)
+        TPM=only
+        SOFTHSM=skip
+        SOFT=0
+        PROFILES=0
         ;;
     -h | --help)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -78,6 +91,11 @@ if [ "$SOFTHSM" != skip ] && [ ! -f "$SOFTHSM_MODULE" ]; then
     [ "$SOFTHSM" = only ] && die "SoftHSM module $SOFTHSM_MODULE not found (package softhsm2; run scripts/setup.sh)"
     say "SoftHSM module $SOFTHSM_MODULE not found: skipping the SoftHSM part (package softhsm2)"
     SOFTHSM=skip
+fi
+if [ "$TPM" != skip ] && ! command -v swtpm >/dev/null 2>&1; then
+    [ "$TPM" = only ] && die "swtpm not found (packages swtpm swtpm-tools; run scripts/setup.sh)"
+    say "swtpm not found: skipping the TPM part (packages swtpm swtpm-tools)"
+    TPM=skip
 fi
 if [ -n "$REPORT" ]; then
     case "$REPORT" in
@@ -104,6 +122,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/keyward-bench.XXXXXX")
 AGENT_PID=""
 SSH_AGENT_PID_=""
 HSM_AGENT_PID=""
+TPM_AGENT_PID=""
+SWTPM_DIR=""
 
 stop_pid() {
     local pid=$1
@@ -130,8 +150,16 @@ cleanup() {
         stop_pid "$HSM_AGENT_PID"
         wait "$HSM_AGENT_PID" 2>/dev/null || true
     fi
+    if [ -n "$TPM_AGENT_PID" ]; then
+        stop_pid "$TPM_AGENT_PID"
+        wait "$TPM_AGENT_PID" 2>/dev/null || true
+    fi
+    # After the agent that uses it; swtpm.sh stop only stops the swtpm of this state dir.
+    if [ -n "$SWTPM_DIR" ]; then
+        "$ROOT/scripts/swtpm.sh" stop "$SWTPM_DIR" >/dev/null 2>&1 || true
+    fi
     if [ "$rc" -ne 0 ]; then
-        for log in "$WORK/agent.log" "$WORK/hsm-agent.log"; do
+        for log in "$WORK/agent.log" "$WORK/hsm-agent.log" "$WORK/tpm-agent.log"; do
             [ -f "$log" ] || continue
             say "last lines of $(basename "$log"):"
             tail -n 20 "$log" >&2 || true
@@ -245,6 +273,13 @@ splice_section() {
             !skip { print }' "$file" >"$WORK/report.tmp"
         cat "$WORK/report.tmp" >"$file"
     else
+        # A blank line between the file's last line and the new heading.
+        if [ -s "$file" ] && [ -n "$(tail -c 1 "$file")" ]; then
+            printf '\n' >>"$file"
+        fi
+        if [ -s "$file" ] && [ -n "$(tail -n 1 "$file")" ]; then
+            printf '\n' >>"$file"
+        fi
         cat "$new" >>"$file"
     fi
 }
@@ -343,6 +378,98 @@ request's JSON and dispatch work on both sides, so a 56 µs P-256 signature cann
 spends milliseconds of device time and little host CPU per signature, where the same per-request cost weighs \
 far less."
 
+# --- TPM: keyward's tpm path against raw tss-esapi calls on the same swtpm ----------------------
+readonly TPM_TITLE="TPM (swtpm): keyward against raw tss-esapi on the same TPM"
+run_tpm() {
+    local tdir=$WORK/swtpm thome=$WORK/tpm-home tcti
+    # This part's agent has its own socket; CLI commands below talk to it.
+    export KEYWARD_SOCK=$WORK/run/tpm-agent.sock
+    local sock=$KEYWARD_SOCK
+    # tpm2-tss prints its own error lines for handles another path flushed (expected here:
+    # every case starts with an empty TPM); the errors still reach keyward as return codes.
+    export TSS2_LOG=all+none
+    say "TPM: private swtpm in $tdir"
+    SWTPM_DIR=$tdir
+    tcti=$("$ROOT/scripts/swtpm.sh" start "$tdir")
+    "$KW" --home "$thome" init --passphrase "file:$PASS" --kdf-work-factor 10 >/dev/null
+    # loaded_keys = 2: both bench keys may stay loaded (the storage key takes the third of
+    # swtpm's three transient slots). workers = 4 as for SoftHSM.
+    cat >"$thome/keyward.toml" <<EOF
+# Written by scripts/bench.sh for the TPM benchmark.
+[agent]
+workers = 4
+
+[tpm.bench]
+tcti = "$tcti"
+loaded_keys = 2
+EOF
+    chmod 600 "$thome/keyward.toml"
+    for kt in rsa-2048 p256; do
+        "$KW" --home "$thome" key generate "tpm-$kt" --type "$kt" --backend tpm --token bench >/dev/null
+    done
+
+    say "starting keyward agent for the TPM (socket $sock, TCTI $tcti, 4 workers, loaded_keys 2)"
+    "$KW" --home "$thome" agent --foreground --passphrase "file:$PASS" \
+        >"$WORK/tpm-agent.log" 2>&1 &
+    TPM_AGENT_PID=$!
+    wait_for_socket "$sock" "$TPM_AGENT_PID" "keyward agent (TPM)"
+    for _ in $(seq 1 100); do
+        "$KW" --home "$thome" status >/dev/null 2>&1 && break
+        sleep 0.05
+    done
+
+    local label="scripts/bench.sh" rounds=5
+    if [ "$QUICK" -eq 1 ]; then
+        label="scripts/bench.sh --quick"
+        rounds=1
+    fi
+    [ "$SOFT" -eq 0 ] && label="$label --tpm-only"
+    local args=(
+        --home "$thome" bench
+        --raw-tpm bench
+        --scheme tpm-rsa-2048=rsa-pss-sha256
+        --clients "1,4"
+        --duration "$DURATION"
+        --rounds "$rounds"
+        --report-command "$label"
+    )
+    say "benchmarking the TPM: $DURATION s per case in $rounds round(s), 1 and 4 clients"
+    if [ -n "$REPORT" ]; then
+        args+=(--report "$WORK/tpm-section.md" --append-section "$TPM_TITLE"
+            --section-note "$TPM_NOTE")
+        "$KW" "${args[@]}" >/dev/null
+        splice_section "$REPORT" "## $TPM_TITLE" "$WORK/tpm-section.md"
+        say "TPM section written to $REPORT"
+    else
+        "$KW" "${args[@]}"
+    fi
+}
+
+TPM_NOTE="Issue 6's measurement: an RSA-2048 and a P-256 key generated by \`keyward key generate --backend tpm\` on a \
+private swtpm (started by \`scripts/swtpm.sh\` in the run's temp dir, stopped on exit), signed three ways in the \
+same run. **raw tss-esapi**: the key's blob file (\`keys/<name>.<version>.tpm\`, as keyward wrote it) loaded with \
+TPM2_Load under the same storage key (keyward's SRK template, TPM2_CreatePrimary, flushed once the key is loaded) \
+and kept loaded for the whole case, SHA-256 computed on the host as keyward does, then TPM2_Sign with the scheme \
+keyward uses (RSASSA-PSS SHA-256, ECDSA SHA-256) through \`tss-esapi\` 7: the fastest a client of this TPM can be \
+(loading per signature would add a TPM2_Load to every one). With N threads each thread signs through its own ESAPI \
+context referring to that one loaded object. Why: tss-esapi's \`Context\` is not \`Send\`, so a multi-threaded raw \
+client either gives each thread its own context (this baseline; like one PKCS#11 session per thread) or funnels \
+every request to one thread that owns the context, which is exactly keyward's TPM worker and so no raw baseline; and \
+swtpm's three transient slots leave no room for a copy of the key per thread. The TPM is serial either way: the \
+threads' commands queue at the TPM (the swtpm TCTI opens one connection per command, swtpm serves one at a time) \
+while their host-side work overlaps, and on this 2-core machine the threads also compete with the swtpm process \
+for the cores, so raw at 4 threads need not beat raw at 1: the \"best against best\" lines compare keyward's best \
+rate with whichever raw rate is higher. **in-process**: keyward's tpm backend (\`TpmBackend::sign\`: blob read, \
+queue, worker thread, loaded-key LRU) called from the bench process. **keyward socket**: clients through the agent \
+(\`[tpm.bench] loaded_keys = 2\`, so the storage key and both bench keys fit swtpm's three slots; \`[agent] workers \
+= 4\`); there a request crosses the socket, goes from the connection's task to a signing worker and from there to \
+the TPM worker thread, and back. The three paths share those three slots, so every case (every slice of it) starts \
+by flushing all transient objects (what \`tpm2_flushcontext -t\` does); the path measured loads what it needs during \
+its 200 ms warm-up (keyward's backends find their handles gone and reload: the documented \"someone flushed \
+keyward's objects\" case), so every case measures signing with the key loaded. Equal concurrency means 1 client vs \
+1 thread and 4 clients vs 4 threads. The CPU columns are CPU time per signature (user + system, from /proc) of the \
+benchmark process and of the agent; swtpm signs in its own process, which is in neither column."
+
 # --- issue 5: policy + profile overhead and sign_request through the agent (criterion) ---------
 readonly PROFILES_HEADING="## Profiles and policy (issue 5): overhead per request and sign_request through the agent"
 profiles_section() { # profiles_section REPORT_FILE
@@ -391,6 +518,14 @@ if [ "$SOFT" -eq 1 ]; then
 fi
 if [ "$SOFTHSM" != skip ]; then
     run_softhsm
+    if [ -n "$HSM_AGENT_PID" ]; then
+        stop_pid "$HSM_AGENT_PID"
+        wait "$HSM_AGENT_PID" 2>/dev/null || true
+        HSM_AGENT_PID=""
+    fi
+fi
+if [ "$TPM" != skip ]; then
+    run_tpm
 fi
 if [ "$PROFILES" != 0 ] && [ "$QUICK" -eq 0 ]; then
     profiles_section "$WORK/profiles.md"

@@ -676,7 +676,7 @@ fn blob_file_name(spec: &KeySpec) -> String {
     format!("{}.{}{BLOB_SUFFIX}", spec.name.as_str(), spec.version)
 }
 
-fn to_auth(s: Option<&SecretBytes>) -> Result<Option<Auth>> {
+pub(crate) fn to_auth(s: Option<&SecretBytes>) -> Result<Option<Auth>> {
     s.map(|b| {
         Auth::try_from(b.expose().to_vec())
             .map_err(|_| Error::BadPassphrase("a TPM auth value may have at most 64 bytes".into()))
@@ -1149,7 +1149,7 @@ impl Conn {
 }
 
 /// A ticket that says "not hashed by the TPM": enough for unrestricted keys.
-fn null_ticket() -> tss_esapi::Result<HashcheckTicket> {
+pub(crate) fn null_ticket() -> tss_esapi::Result<HashcheckTicket> {
     HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
         tag: TPM2_ST_HASHCHECK,
         hierarchy: TPM2_RH_NULL,
@@ -1586,6 +1586,42 @@ fn parse_blob(text: &[u8]) -> Result<(BlobFile, Public, Private)> {
     }
     let private = Private::try_from(priv_bytes[2..].to_vec()).map_err(|e| bad(&e.to_string()))?;
     Ok((blob, public, private))
+}
+
+/// A key blob file as keyward stored it (for `keyward bench`'s raw tss-esapi baseline, which
+/// loads the same blob under the same storage key itself).
+pub(crate) struct StoredBlob {
+    pub key_type: KeyType,
+    /// Whether the key has an auth value (the configured `key_auth`).
+    pub auth: bool,
+    pub public: Public,
+    pub private: Private,
+}
+
+/// Read and parse a key blob file (`keys/<name>.<version>.tpm`).
+pub(crate) fn read_blob(path: &Path) -> Result<StoredBlob> {
+    let text =
+        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let (blob, public, private) =
+        parse_blob(&text).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    Ok(StoredBlob {
+        key_type: blob.key_type,
+        auth: blob.auth,
+        public,
+        private,
+    })
+}
+
+/// The blob file name of a locator `<alias>:<name>.<version>.tpm` on TPM `alias` (`None` for
+/// other TPMs, persistent handles and anything that is not a plain file name in keys/).
+pub(crate) fn blob_in_locator(locator: &str, alias: &str) -> Option<String> {
+    let (a, rest) = locator.split_once(':')?;
+    let plain = a == alias
+        && !rest.is_empty()
+        && !rest.starts_with('.')
+        && rest.ends_with(BLOB_SUFFIX)
+        && !rest.contains('/');
+    plain.then(|| rest.to_string())
 }
 
 /// keyward's key type of a TPM public area.

@@ -1,6 +1,7 @@
 //! In-process signing for the benchmark baseline: a key file loaded into the agent's own soft
 //! backend inside the bench process, so the baseline is exactly the `Backend::sign` the agent runs.
-//! For token keys, keyward's pkcs11 backend connected to the token from the bench process.
+//! For token keys, keyward's pkcs11 backend connected to the token from the bench process; for
+//! TPM keys, keyward's tpm backend.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -11,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::backend::material::{self, SecretKeyMaterial};
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::soft::SoftBackend;
+use crate::backend::tpm::TpmBackend;
 use crate::backend::{Backend, KeySpec, Signature};
 use crate::error::{Error, IoContext, Result};
 use crate::model::{Algorithm, KeyName, KeyRef, KeyType};
@@ -97,6 +99,23 @@ impl InProcessKey {
         fingerprint: String,
     ) -> Result<InProcessKey> {
         backend.probe(&key_ref, key_type)?;
+        Ok(InProcessKey {
+            backend,
+            key_ref,
+            key_type,
+            fingerprint,
+        })
+    }
+
+    /// A key on a TPM, signed through keyward's tpm backend in this process (its own worker
+    /// thread and context, as in the agent; `fingerprint` is what the agent reports).
+    pub fn on_tpm(
+        backend: Arc<TpmBackend>,
+        key_ref: KeyRef,
+        key_type: KeyType,
+        fingerprint: String,
+    ) -> Result<InProcessKey> {
+        backend.public_info(&key_ref)?;
         Ok(InProcessKey {
             backend,
             key_ref,

@@ -1,10 +1,12 @@
 //! `keyward bench`'s measurement: sign round trips through the agent's socket, in-process,
-//! through OpenSSH's ssh-agent and, for token keys, raw cryptoki calls on the same token, all with
-//! the same loop; latencies and throughput, no printing.
+//! through OpenSSH's ssh-agent and, for token keys, raw cryptoki calls on the same token (for TPM
+//! keys, raw tss-esapi calls on the same TPM), all with the same loop; latencies and throughput,
+//! no printing.
 
 pub mod in_process;
 pub mod machine;
 pub mod raw_pkcs11;
+pub mod raw_tpm;
 pub mod report;
 pub mod ssh_agent;
 pub mod stats;
@@ -18,6 +20,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::pkcs11::Pkcs11Backend;
+use crate::backend::tpm::TpmBackend;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::model::{Algorithm, KeyName, KeyRef, KeyType};
@@ -25,6 +28,7 @@ use crate::model::{Algorithm, KeyName, KeyRef, KeyType};
 pub use in_process::InProcessKey;
 pub use machine::Machine;
 pub use raw_pkcs11::RawToken;
+pub use raw_tpm::RawTpm;
 pub use report::Report;
 pub use stats::Stats;
 
@@ -41,6 +45,9 @@ const PROGRESS_BATCH: u64 = 64;
 pub enum Target {
     /// C_Sign through `cryptoki` straight on the token, one session per thread (token keys).
     RawPkcs11,
+    /// TPM2_Sign through `tss-esapi` straight on the TPM, the key blob loaded once per case,
+    /// one ESAPI context per thread (TPM keys).
+    RawTpm,
     /// The agent's backend called directly in the bench process (the baseline): the soft
     /// backend with the key file, or the pkcs11 backend connected to the token.
     InProcess,
@@ -51,8 +58,9 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 5] = [
         Target::RawPkcs11,
+        Target::RawTpm,
         Target::InProcess,
         Target::Keyward,
         Target::SshAgent,
@@ -61,6 +69,7 @@ impl Target {
     pub fn label(self) -> &'static str {
         match self {
             Target::RawPkcs11 => "raw cryptoki",
+            Target::RawTpm => "raw tss-esapi",
             Target::InProcess => "in-process",
             Target::Keyward => "keyward socket",
             Target::SshAgent => "ssh-agent",
@@ -321,6 +330,7 @@ pub struct BenchKey {
     pub in_process: Option<InProcessKey>,
     pub ssh: Option<SshIdentity>,
     pub raw: Option<RawKey>,
+    pub raw_tpm: Option<RawTpmKey>,
 }
 
 /// A token key for the raw cryptoki path: the token and the key's CKA_ID.
@@ -328,6 +338,22 @@ pub struct BenchKey {
 pub struct RawKey {
     pub token: Arc<RawToken>,
     pub id: Vec<u8>,
+}
+
+/// A TPM key for the raw tss-esapi path: the TPM and the key's blob file.
+#[derive(Clone)]
+pub struct RawTpmKey {
+    pub tpm: Arc<RawTpm>,
+    pub blob: PathBuf,
+}
+
+/// TPM keys to benchmark against raw tss-esapi calls, found by the caller in the home's key
+/// metadata (the blob file is the part after `:` in a tpm locator).
+pub struct TpmKeys {
+    pub raw: Arc<RawTpm>,
+    /// keyward's tpm backend connected from this process, for the in-process path.
+    pub backend: Option<Arc<TpmBackend>>,
+    pub keys: Vec<(KeyName, KeyRef, PathBuf)>,
 }
 
 /// Token keys to benchmark against raw cryptoki calls, found by the caller in the home's
@@ -343,6 +369,7 @@ impl BenchKey {
     pub fn has(&self, t: Target) -> bool {
         match t {
             Target::RawPkcs11 => self.raw.is_some(),
+            Target::RawTpm => self.raw_tpm.is_some(),
             Target::Keyward => true,
             Target::InProcess => self.in_process.is_some(),
             Target::SshAgent => self.ssh.is_some(),
@@ -382,6 +409,8 @@ pub struct PlanOptions<'a> {
     pub ssh_agent: Option<&'a Path>,
     /// Token keys to also sign with raw cryptoki calls (and keyward's backend in-process).
     pub tokens: &'a [TokenKeys],
+    /// TPM keys to also sign with raw tss-esapi calls (and keyward's backend in-process).
+    pub tpms: &'a [TpmKeys],
     /// Signature scheme per key instead of the key type's default.
     pub schemes: &'a [(KeyName, Algorithm)],
 }
@@ -472,6 +501,22 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
             token: t.raw.clone(),
             id: id.clone(),
         });
+        let on_tpm = opts.tpms.iter().find_map(|t| {
+            t.keys
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, r, blob)| (t, r, blob))
+        });
+        let raw_tpm = on_tpm.map(|(t, _, blob)| RawTpmKey {
+            tpm: t.raw.clone(),
+            blob: blob.clone(),
+        });
+        // The TPM's few transient slots are shared by every path: each check below starts
+        // with an empty TPM (the path that signs loads what it needs).
+        let evict = || match &raw_tpm {
+            Some(r) => r.tpm.evict_all().map(|_| ()),
+            None => Ok(()),
+        };
         let in_process = match opts.in_process.iter().find(|(n, _)| *n == name) {
             Some((_, path)) => {
                 let k = InProcessKey::load(path, key_type)?;
@@ -498,7 +543,21 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
                     key_type,
                     info.fingerprint.clone(),
                 )?),
-                _ => None,
+                _ => match on_tpm {
+                    Some((
+                        TpmKeys {
+                            backend: Some(b), ..
+                        },
+                        key_ref,
+                        _,
+                    )) => Some(InProcessKey::on_tpm(
+                        b.clone(),
+                        key_ref.clone(),
+                        key_type,
+                        info.fingerprint.clone(),
+                    )?),
+                    _ => None,
+                },
             },
         };
         let public_raw =
@@ -530,6 +589,7 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
 
         // Cross-check: one signature from every path, verified or compared.
         let msg = b"keyward bench cross-check";
+        evict()?;
         let sig = client.sign(&name, msg, Some(scheme.as_str()))?;
         let ks = base64::engine::general_purpose::STANDARD
             .decode(&sig.signature)
@@ -541,6 +601,7 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
             }
         }
         if let Some(k) = &in_process {
+            evict()?;
             let ps = k.sign(scheme, msg)?.bytes;
             let ok = match &public_raw {
                 Some(raw) => verify(scheme, raw, msg, &ps)?,
@@ -551,10 +612,11 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
                     "`{name}`: the in-process signature does not match the agent's key"
                 )));
             }
-            done.push(match (&public_raw, on_token.is_some()) {
-                (Some(_), true) => "keyward's pkcs11 backend in this process signs with the same token key, verified",
-                (Some(_), false) => "the in-process key file has the same fingerprint and its signature verifies",
-                (None, _) => "the in-process secret has the same fingerprint and gives the same tag",
+            done.push(match (&public_raw, on_token.is_some(), on_tpm.is_some()) {
+                (Some(_), true, _) => "keyward's pkcs11 backend in this process signs with the same token key, verified",
+                (Some(_), _, true) => "keyward's tpm backend in this process signs with the same key blob, verified",
+                (Some(_), false, false) => "the in-process key file has the same fingerprint and its signature verifies",
+                (None, _, _) => "the in-process secret has the same fingerprint and gives the same tag",
             });
         }
         if let Some(r) = &raw {
@@ -569,6 +631,22 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
                 )));
             }
             done.push("a raw C_Sign on the token object with this CKA_ID verifies with the agent's public key");
+        }
+        if let Some(r) = &raw_tpm {
+            evict()?;
+            let loaded = r.tpm.load(&r.blob)?;
+            let rs = r.tpm.signer(loaded.target(), scheme)?.sign(msg)?;
+            drop(loaded);
+            let ok = match &public_raw {
+                Some(raw) => verify(scheme, raw, msg, &rs)?,
+                None => false,
+            };
+            if !ok {
+                return Err(Error::Internal(format!(
+                    "`{name}`: the raw tss-esapi signature does not verify with the agent's public key"
+                )));
+            }
+            done.push("the key blob loaded by raw tss-esapi calls under the same storage key signs, and the signature verifies with the agent's public key");
         }
         if let (Some(id), Some((a, _))) = (&matched, ssh.as_mut()) {
             let (_, ss) = a.sign_blob(&id.blob, msg, id.flags)?;
@@ -599,6 +677,7 @@ pub fn plan(opts: &PlanOptions<'_>) -> Result<Plan> {
             in_process,
             ssh: matched,
             raw,
+            raw_tpm,
         });
     }
     Ok(Plan {
@@ -760,6 +839,11 @@ impl Plan {
 
     /// Run one case once and return its latencies and CPU use.
     pub fn sample(&self, case: &Case, limit: Limit, progress: &AtomicU64) -> Result<Samples> {
+        // A TPM key's case starts with an empty TPM: the paths take turns in its few transient
+        // slots, and the one measured reloads its key during the warm-up (not counted).
+        if let Some(r) = self.keys.get(case.key).and_then(|k| k.raw_tpm.as_ref()) {
+            r.tpm.evict_all()?;
+        }
         let agent_pid = self.agent.as_ref().map(|a| a.pid);
         let (a0, o0) = (
             agent_pid.and_then(|p| process_cpu(Some(p))),
@@ -808,6 +892,27 @@ impl Plan {
                     },
                     progress,
                 )?
+            }
+            Target::RawTpm => {
+                let r = k
+                    .raw_tpm
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("no raw TPM key".into()))?;
+                // Loaded once for the case (on this thread, flushed when `loaded` drops); each
+                // client thread signs through its own context referring to that object.
+                let loaded = r.tpm.load(&r.blob)?;
+                let target = loaded.target();
+                let s = drive_samples(
+                    case.clients,
+                    limit,
+                    |_| {
+                        let mut signer = r.tpm.signer(target, scheme)?;
+                        Ok(move |msg: &[u8]| signer.sign(msg).map(|_| ()))
+                    },
+                    progress,
+                );
+                drop(loaded);
+                s?
             }
             Target::InProcess => {
                 let ip = k

@@ -13,7 +13,8 @@ pub const TARGET_OVERHEAD_P50_US: f64 = 30.0;
 pub const TARGET_OVERHEAD_P99_US: f64 = 150.0;
 /// Target: keyward ops/s ÷ ssh-agent ops/s, Ed25519, four clients.
 pub const TARGET_VS_SSH_AGENT: f64 = 2.0;
-/// Target (issue 4): keyward ops/s ÷ raw cryptoki ops/s on the same token, equal concurrency.
+/// Target (issue 4): keyward ops/s ÷ raw cryptoki ops/s on the same token, equal concurrency;
+/// issue 6: the same against raw tss-esapi calls on the same TPM.
 pub const TARGET_VS_RAW: f64 = 0.9;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,6 +27,8 @@ pub struct KeySummary {
     pub ssh_agent: bool,
     #[serde(default)]
     pub raw_pkcs11: bool,
+    #[serde(default)]
+    pub raw_tpm: bool,
 }
 
 /// keyward against the other two paths, for one key at one concurrency.
@@ -47,6 +50,9 @@ pub struct Comparison {
     /// keyward ops/s ÷ raw cryptoki ops/s.
     #[serde(default)]
     pub vs_raw: Option<f64>,
+    /// Which raw path `raw_ops_per_sec` is (raw cryptoki or raw tss-esapi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_target: Option<Target>,
 }
 
 /// One performance target and whether this run met it (`None`: not measured in this run).
@@ -108,6 +114,7 @@ impl Report {
                 in_process: k.in_process.is_some(),
                 ssh_agent: k.ssh.is_some(),
                 raw_pkcs11: k.raw.is_some(),
+                raw_tpm: k.raw_tpm.is_some(),
             })
             .collect::<Vec<_>>();
         let comparisons = comparisons(&keys, clients, &results);
@@ -171,7 +178,9 @@ pub fn comparisons(
             };
             let ssh = find(results, &k.name, Target::SshAgent, c);
             let ip = find(results, &k.name, Target::InProcess, c);
-            let raw = find(results, &k.name, Target::RawPkcs11, c);
+            let raw = [Target::RawPkcs11, Target::RawTpm]
+                .into_iter()
+                .find_map(|t| find(results, &k.name, t, c));
             out.push(Comparison {
                 key: k.name.clone(),
                 key_type: k.key_type.clone(),
@@ -186,6 +195,7 @@ pub fn comparisons(
                 vs_raw: raw
                     .filter(|r| r.stats.ops_per_sec > 0.0)
                     .map(|r| kw.stats.ops_per_sec / r.stats.ops_per_sec),
+                raw_target: raw.map(|r| r.target),
             });
         }
     }
@@ -249,16 +259,25 @@ pub fn targets(comparisons: &[Comparison]) -> Vec<TargetCheck> {
         }),
         met: lowest.map(|(v, _)| v >= TARGET_VS_SSH_AGENT),
     });
-    // Only runs with token keys measure this one; soft-only runs do not list it.
-    let lowest_raw = comparisons
-        .iter()
-        .filter_map(|c| c.vs_raw.map(|v| (v, c)))
-        .min_by(|a, b| a.0.total_cmp(&b.0));
-    if let Some((v, c)) = lowest_raw {
+    // Only runs with token (TPM) keys measure these; soft-only runs do not list them.
+    for raw in [Target::RawPkcs11, Target::RawTpm] {
+        let lowest_raw = comparisons
+            .iter()
+            .filter(|c| c.raw_target == Some(raw))
+            .filter_map(|c| c.vs_raw.map(|v| (v, c)))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let Some((v, c)) = lowest_raw else {
+            continue;
+        };
+        let (device, keys) = match raw {
+            Target::RawTpm => ("TPM", "TPM key"),
+            _ => ("token", "token key"),
+        };
         out.push(TargetCheck {
             target: format!(
-                "keyward ≥ {:.0}% of raw cryptoki ops/s on the same token at equal concurrency (every token key and client count)",
-                TARGET_VS_RAW * 100.0
+                "keyward ≥ {:.0}% of {} ops/s on the same {device} at equal concurrency (every {keys} and client count)",
+                TARGET_VS_RAW * 100.0,
+                raw.label()
             ),
             measured: format!(
                 "lowest {:.1}% ({}, {} client{})",
@@ -586,15 +605,20 @@ pub fn section(r: &Report, title: &str, note: &str) -> String {
             let _ = writeln!(w, "| {} | {} | {} |", t.target, t.measured, verdict(t.met));
         }
         let _ = writeln!(w);
+        let raw_label = raw
+            .iter()
+            .find_map(|c| c.raw_target)
+            .unwrap_or(Target::RawPkcs11)
+            .label();
         let _ = writeln!(
             w,
-            "| key type | scheme | clients | raw cryptoki ops/s | keyward ops/s | keyward ÷ raw | raw p50 / p99 (µs) | keyward p50 / p99 (µs) | ≥ {:.0}% |",
+            "| key type | scheme | clients | {raw_label} ops/s | keyward ops/s | keyward ÷ raw | raw p50 / p99 (µs) | keyward p50 / p99 (µs) | ≥ {:.0}% |",
             TARGET_VS_RAW * 100.0
         );
         let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|---|");
         for c in raw {
             let (Some(rr), Some(kw)) = (
-                r.find(&c.key, Target::RawPkcs11, c.clients),
+                r.find(&c.key, c.raw_target.unwrap_or(Target::RawPkcs11), c.clients),
                 r.find(&c.key, Target::Keyward, c.clients),
             ) else {
                 continue;
@@ -619,6 +643,37 @@ pub fn section(r: &Report, title: &str, note: &str) -> String {
                     "**not met**"
                 }
             );
+        }
+        let _ = writeln!(w);
+        // Equal concurrency is the target; the best of each path at any concurrency is the
+        // device's capacity against keyward's (for a serial TPM, raw at 1 thread may be best).
+        for k in &r.keys {
+            let best = |t: Target| {
+                r.results
+                    .iter()
+                    .filter(|x| x.key == k.name && x.target == t)
+                    .max_by(|a, b| a.stats.ops_per_sec.total_cmp(&b.stats.ops_per_sec))
+            };
+            let raw_best = [Target::RawPkcs11, Target::RawTpm]
+                .into_iter()
+                .find_map(best);
+            if let (Some(rb), Some(kb)) = (raw_best, best(Target::Keyward)) {
+                if rb.stats.ops_per_sec > 0.0 {
+                    let _ = writeln!(
+                        w,
+                        "- {}: keyward's best ({} ops/s, {} client{}) = {:.1}% of {}'s best ({} ops/s, {} thread{})",
+                        k.key_type,
+                        fmt_ops(kb.stats.ops_per_sec),
+                        kb.clients,
+                        if kb.clients == 1 { "" } else { "s" },
+                        kb.stats.ops_per_sec / rb.stats.ops_per_sec * 100.0,
+                        rb.target.label(),
+                        fmt_ops(rb.stats.ops_per_sec),
+                        rb.clients,
+                        if rb.clients == 1 { "" } else { "s" },
+                    );
+                }
+            }
         }
         let _ = writeln!(w);
     }
@@ -686,6 +741,15 @@ pub fn section(r: &Report, title: &str, note: &str) -> String {
                 .unwrap_or_default()
         );
         let _ = writeln!(w, "- {}", duration_text(r));
+        let m = &r.machine;
+        let _ = writeln!(
+            w,
+            "- Machine: {} — {} logical core{}, kernel {}",
+            opt(m.cpu_model.as_deref()),
+            m.cores,
+            if m.cores == 1 { "" } else { "s" },
+            opt(m.kernel.as_deref())
+        );
         if let Some(l) = r.machine.load_1m {
             let _ = writeln!(w, "- Load average (1 min) when this run started: {l:.2}");
         }
@@ -757,6 +821,7 @@ mod tests {
             in_process: true,
             ssh_agent: ssh,
             raw_pkcs11: false,
+            raw_tpm: false,
         }
     }
 
@@ -790,6 +855,59 @@ mod tests {
         assert_eq!(t[3].met, Some(true));
         let none = targets(&[]);
         assert!(none.iter().all(|t| t.met.is_none()));
+    }
+
+    #[test]
+    fn tpm_keys_compare_against_raw_tss_esapi() {
+        let keys = vec![key("t", "p256", false)];
+        let results = vec![
+            res("t", "p256", Target::RawTpm, 1, 2000.0, 450.0),
+            res("t", "p256", Target::RawTpm, 4, 1500.0, 900.0),
+            res("t", "p256", Target::Keyward, 1, 1900.0, 480.0),
+            res("t", "p256", Target::Keyward, 4, 1200.0, 1100.0),
+        ];
+        let c = comparisons(&keys, &[1, 4], &results);
+        assert_eq!(c[0].raw_target, Some(Target::RawTpm));
+        assert!((c[0].vs_raw.unwrap() - 0.95).abs() < 1e-9);
+        assert!((c[1].vs_raw.unwrap() - 0.8).abs() < 1e-9);
+        let t = targets(&c);
+        let raw = t.last().unwrap();
+        assert!(
+            raw.target.contains("raw tss-esapi ops/s on the same TPM"),
+            "{raw:?}"
+        );
+        assert_eq!(raw.measured, "lowest 80.0% (p256, 4 clients)");
+        assert_eq!(raw.met, Some(false));
+        // No pkcs11 line in a TPM-only run.
+        assert!(!t.iter().any(|x| x.target.contains("raw cryptoki")));
+        let r = Report {
+            keyward_version: "0.1.0".into(),
+            date: "2026-01-01T00:00:00Z".into(),
+            machine: Machine::default(),
+            agent: None,
+            limit: Limit::Duration(std::time::Duration::from_secs(5)).describe(),
+            rounds: 5,
+            message_bytes: 100,
+            warmup_ms: 200,
+            clients: vec![1, 4],
+            keys,
+            checks: vec![],
+            notes: vec![],
+            results,
+            comparisons: c,
+            targets: t,
+            socket_floor: None,
+            command: None,
+        };
+        let sec = section(&r, "TPM", "");
+        assert!(sec.contains("| raw tss-esapi ops/s |"), "{sec}");
+        assert!(
+            sec.contains("| p256 | p256 | 1 | 2,000 | 1,900 | 95.0% |"),
+            "{sec}"
+        );
+        assert!(sec.contains(
+            "- p256: keyward's best (1,900 ops/s, 1 client) = 95.0% of raw tss-esapi's best (2,000 ops/s, 1 thread)"
+        ));
     }
 
     #[test]

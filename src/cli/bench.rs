@@ -1,6 +1,6 @@
 //! `keyward bench`: measure signing through the running agent, in-process, through an
-//! ssh-agent and (token keys) with raw cryptoki calls, all with the same loop; prints tables (or
-//! JSON) and can write docs/benchmarks.md.
+//! ssh-agent and (token keys) with raw cryptoki calls or (TPM keys) raw tss-esapi calls, all with
+//! the same loop; prints tables (or JSON) and can write docs/benchmarks.md.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward::backend::pkcs11::Pkcs11Backend;
+use keyward::backend::tpm::{TpmAuth, TpmBackend};
 use keyward::bench::raw_pkcs11::{self, RawToken};
 use keyward::bench::{
-    self, report, CaseResult, Limit, Machine, Plan, PlanOptions, Report, Target, TokenKeys,
+    self, report, CaseResult, Limit, Machine, Plan, PlanOptions, RawTpm, Report, Target, TokenKeys,
+    TpmKeys,
 };
 use keyward::config::Config;
 use keyward::home::Home;
@@ -53,6 +55,13 @@ pub struct BenchArgs {
     /// The module reads its environment (e.g. SOFTHSM2_CONF) as the agent's does.
     #[arg(long = "raw-pkcs11", value_name = "ALIAS")]
     raw_pkcs11: Vec<String>,
+    /// For the keys on TPM ALIAS (`[tpm.ALIAS]` in keyward.toml, auth values from their
+    /// sources): also sign with raw tss-esapi calls on the same TPM (the key blob loaded once
+    /// under the same storage key, one context per thread, the scheme keyward uses) and with
+    /// keyward's tpm backend in this process. Repeatable. Every TPM case starts by flushing
+    /// the TPM's transient objects (the paths take turns in its few slots).
+    #[arg(long = "raw-tpm", value_name = "ALIAS")]
+    raw_tpm: Vec<String>,
     /// Sign KEY with SCHEME instead of the key type's default (e.g.
     /// `--scheme rsa=rsa-pss-sha256`); repeatable.
     #[arg(long = "scheme", value_name = "KEY=SCHEME", value_parser = parse_scheme)]
@@ -137,6 +146,57 @@ fn token_keys(home: &Home, aliases: &[String]) -> Result<Vec<TokenKeys>> {
     Ok(out)
 }
 
+/// Open every `--raw-tpm` TPM twice — raw, and as keyward's backend — and list its blob keys.
+fn tpm_keys(home: &Home, aliases: &[String]) -> Result<Vec<TpmKeys>> {
+    if aliases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let config = Config::load(&home.config_path())?;
+    let metas = Keystore::new(home).list()?;
+    let mut out = Vec::new();
+    for alias in aliases {
+        let cfg = config.tpm.get(alias).cloned().ok_or_else(|| {
+            Error::Config(format!(
+                "--raw-tpm {alias}: no [tpm.{alias}] section in {}",
+                home.config_path().display()
+            ))
+        })?;
+        let raw = Arc::new(RawTpm::open(
+            alias,
+            &cfg,
+            &home.keys_dir(),
+            &TpmAuth::read(alias, &cfg)?,
+        )?);
+        let backend = Arc::new(TpmBackend::connect(
+            alias,
+            cfg.clone(),
+            &home.keys_dir(),
+            TpmAuth::read(alias, &cfg)?,
+        )?);
+        let mut keys = Vec::new();
+        for m in &metas {
+            if m.backend != BackendKind::Tpm {
+                continue;
+            }
+            let v = m.current_version()?;
+            if let Some(blob) = raw.blob_of(&v.locator) {
+                keys.push((m.name.clone(), m.key_ref(v), blob));
+            }
+        }
+        if keys.is_empty() {
+            return Err(Error::UnknownKey(format!(
+                "--raw-tpm {alias}: no key blob of this home lives on TPM `{alias}` (adopted persistent keys are not benchmarked raw)"
+            )));
+        }
+        out.push(TpmKeys {
+            raw,
+            backend: Some(backend),
+            keys,
+        });
+    }
+    Ok(out)
+}
+
 const MAX_CLIENTS: usize = 256;
 const MAX_DURATION_S: f64 = 3600.0;
 
@@ -193,12 +253,14 @@ pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
         .and_then(|c| c.agent.socket);
     let socket = keyward::proto::socket_path(configured.as_deref(), home.root());
     let tokens = token_keys(home, &args.raw_pkcs11)?;
+    let tpms = tpm_keys(home, &args.raw_tpm)?;
     let plan = bench::plan(&PlanOptions {
         socket: &socket,
         keys: &args.keys,
         in_process: &args.in_process,
         ssh_agent: args.ssh_agent.as_deref(),
         tokens: &tokens,
+        tpms: &tpms,
         schemes: &args.schemes,
     })?;
     let cases = plan.cases(&clients);
@@ -382,7 +444,11 @@ fn human(r: &Report, report_path: Option<&PathBuf>) -> String {
         for c in r.comparisons.iter().filter(|c| c.key == k.name) {
             let mut parts = Vec::new();
             if let Some(v) = c.vs_raw {
-                parts.push(format!("{:.1}% of raw cryptoki ops/s", v * 100.0));
+                parts.push(format!(
+                    "{:.1}% of {} ops/s",
+                    v * 100.0,
+                    c.raw_target.unwrap_or(Target::RawPkcs11).label()
+                ));
             }
             if let Some(v) = c.vs_ssh_agent {
                 parts.push(format!("{v:.2}× ssh-agent ops/s"));
