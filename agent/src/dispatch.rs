@@ -559,6 +559,11 @@ impl State {
             backend.sign(&key_ref, alg, &msg)?
         } else if let Some(sig) = self.sign_here(&key_ref, alg, &msg) {
             sig?
+        } else if key_ref.backend == BackendKind::Tpm && multi_thread_runtime() {
+            // The TPM backend queues to its own worker thread (the one owning the TPM context)
+            // and waits at most its timeout_ms, so this call is bounded by itself; a hop to the
+            // pool first would only add a cross-thread wake-up (D14).
+            tokio::task::block_in_place(|| backend.sign(&key_ref, alg, &msg))?
         } else {
             let limit = backend.timeout();
             let job = self.pool.run(move || backend.sign(&key_ref, alg, &msg));
@@ -729,6 +734,12 @@ fn scheme_for(s: &Served, scheme: Option<&str>) -> Result<Algorithm> {
             s.meta.name, s.meta.key_type
         )))
     }
+}
+
+/// `block_in_place` needs the multi-thread runtime (the agent's; not a unit test's).
+fn multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// The policy's view of a connected peer.

@@ -199,6 +199,9 @@ pub struct TpmBackend {
     keys_dir: PathBuf,
     tx: Sender<Job>,
     status: Arc<Mutex<Status>>,
+    /// Parsed key blobs by locator. A blob file is written once and never changed (a new
+    /// version is a new file), so it is read and parsed once, not on every signature.
+    blobs: Mutex<HashMap<String, KeyData>>,
 }
 
 struct Status {
@@ -289,6 +292,7 @@ impl TpmBackend {
             keys_dir: keys_dir.to_path_buf(),
             tx,
             status,
+            blobs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -420,6 +424,10 @@ impl TpmBackend {
         self.keys_dir.join(blob_file_name(spec))
     }
 
+    fn blob_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyData>> {
+        self.blobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn key_data(&self, key: &KeyRef) -> Result<KeyData> {
         match self.parse_locator(key)? {
             Locator::Persistent(h) => Ok(KeyData {
@@ -430,18 +438,23 @@ impl TpmBackend {
                 auth: true,
             }),
             Locator::Blob(file) => {
+                if let Some(d) = self.blob_cache().get(&key.locator) {
+                    return Ok(d.clone());
+                }
                 let path = self.keys_dir.join(&file);
                 let text = std::fs::read(&path).map_err(|e| {
                     self.unavailable(&format!("reading key blob {}: {e}", path.display()))
                 })?;
                 let (blob, public, private) = parse_blob(&text)
                     .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
-                Ok(KeyData {
+                let data = KeyData {
                     locator: key.locator.clone(),
                     source: KeySource::Blob { public, private },
                     key_type: blob.key_type,
                     auth: blob.auth,
-                })
+                };
+                self.blob_cache().insert(key.locator.clone(), data.clone());
+                Ok(data)
             }
         }
     }
@@ -655,6 +668,7 @@ impl Backend for TpmBackend {
         match self.parse_locator(key)? {
             // A blob is the key: removing it destroys the key (the TPM holds no copy).
             Locator::Blob(file) => {
+                self.blob_cache().remove(&key.locator);
                 let locator = key.locator.clone();
                 // Forget a loaded copy; a TPM that is down has none worth flushing.
                 let _ = self.call(self.limit(), move |w| {
