@@ -169,6 +169,50 @@ pub fn b64(bytes: &[u8]) -> String {
     STANDARD.encode(bytes)
 }
 
+/// SPKI DER of an RSA public key from its modulus and exponent (big-endian; a device may
+/// pad the exponent with leading zeros).
+pub fn rsa_spki(n: &[u8], e: &[u8]) -> Result<Vec<u8>> {
+    use spki::der::Encode;
+    let e = &e[e.iter().take_while(|b| **b == 0).count()..];
+    let key = pkcs1::RsaPublicKey {
+        modulus: pkcs1::UintRef::new(n).map_err(|e| Error::Internal(e.to_string()))?,
+        public_exponent: pkcs1::UintRef::new(e).map_err(|e| Error::Internal(e.to_string()))?,
+    };
+    let pkcs1_der = key.to_der().map_err(|e| Error::Internal(e.to_string()))?;
+    spki_of(
+        "1.2.840.113549.1.1.1",
+        Some(spki::der::asn1::Null.into()),
+        &pkcs1_der,
+    )
+}
+
+/// SPKI DER of an Ed25519 key (32 raw bytes) or an EC key (uncompressed point) of type `t`.
+pub fn ec_spki(t: KeyType, raw: &[u8]) -> Result<Vec<u8>> {
+    if t == KeyType::Ed25519 {
+        return spki_of("1.3.101.112", None, raw);
+    }
+    let curve = match t {
+        KeyType::P256 => "1.2.840.10045.3.1.7",
+        KeyType::P384 => "1.3.132.0.34",
+        _ => "1.3.132.0.10",
+    };
+    let oid: spki::ObjectIdentifier = curve.parse().map_err(|_| Error::Internal("oid".into()))?;
+    spki_of("1.2.840.10045.2.1", Some(spki::der::Any::from(oid)), raw)
+}
+
+fn spki_of(alg: &str, params: Option<spki::der::Any>, key: &[u8]) -> Result<Vec<u8>> {
+    use spki::der::Encode;
+    let info = spki::SubjectPublicKeyInfoOwned {
+        algorithm: spki::AlgorithmIdentifierOwned {
+            oid: alg.parse().map_err(|_| Error::Internal("oid".into()))?,
+            parameters: params,
+        },
+        subject_public_key: spki::der::asn1::BitString::from_bytes(key)
+            .map_err(|e| Error::Internal(e.to_string()))?,
+    };
+    info.to_der().map_err(|e| Error::Internal(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1130,7 +1130,7 @@ fn public_spki_of(
             }
         }
         let (n, e) = (n.ok_or_else(bad)?, e.ok_or_else(bad)?);
-        return rsa_spki(&n, &e).map_err(|_| bad());
+        return crate::pubkey::rsa_spki(&n, &e).map_err(|_| bad());
     }
     let pubs = s.find_objects(&[
         Attribute::Class(ObjectClass::PUBLIC_KEY),
@@ -1149,45 +1149,7 @@ fn public_spki_of(
     let raw = spki::der::asn1::OctetString::from_der(&point)
         .map(|o| o.as_bytes().to_vec())
         .unwrap_or(point);
-    ec_spki(t, &raw).map_err(|_| bad())
-}
-
-fn rsa_spki(n: &[u8], e: &[u8]) -> Result<Vec<u8>> {
-    let key = pkcs1::RsaPublicKey {
-        modulus: pkcs1::UintRef::new(n).map_err(|e| Error::Internal(e.to_string()))?,
-        public_exponent: pkcs1::UintRef::new(e).map_err(|e| Error::Internal(e.to_string()))?,
-    };
-    let pkcs1_der = key.to_der().map_err(|e| Error::Internal(e.to_string()))?;
-    spki_of(
-        "1.2.840.113549.1.1.1",
-        Some(spki::der::asn1::Null.into()),
-        &pkcs1_der,
-    )
-}
-
-fn ec_spki(t: KeyType, raw: &[u8]) -> Result<Vec<u8>> {
-    if t == KeyType::Ed25519 {
-        return spki_of("1.3.101.112", None, raw);
-    }
-    let curve = match t {
-        KeyType::P256 => "1.2.840.10045.3.1.7",
-        KeyType::P384 => "1.3.132.0.34",
-        _ => "1.3.132.0.10",
-    };
-    let oid: spki::ObjectIdentifier = curve.parse().map_err(|_| Error::Internal("oid".into()))?;
-    spki_of("1.2.840.10045.2.1", Some(spki::der::Any::from(oid)), raw)
-}
-
-fn spki_of(alg: &str, params: Option<spki::der::Any>, key: &[u8]) -> Result<Vec<u8>> {
-    let info = spki::SubjectPublicKeyInfoOwned {
-        algorithm: spki::AlgorithmIdentifierOwned {
-            oid: alg.parse().map_err(|_| Error::Internal("oid".into()))?,
-            parameters: params,
-        },
-        subject_public_key: spki::der::asn1::BitString::from_bytes(key)
-            .map_err(|e| Error::Internal(e.to_string()))?,
-    };
-    info.to_der().map_err(|e| Error::Internal(e.to_string()))
+    crate::pubkey::ec_spki(t, &raw).map_err(|_| bad())
 }
 
 /// Object templates for importing `m`: (private or secret object, public object).

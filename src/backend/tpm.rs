@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use pkcs8::der::{Decode, Encode};
+use pkcs8::der::Decode;
 use serde::{Deserialize, Serialize};
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::{Tss2ResponseCode, Tss2ResponseCodeKind};
@@ -1555,16 +1555,7 @@ fn make_blob(
     public: &Public,
     private: &Private,
 ) -> Result<BlobFile> {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let pub_bytes = PublicBuffer::try_from(public.clone())
-        .and_then(|b| b.marshall())
-        .map_err(|e| Error::Internal(format!("marshalling TPM2B_PUBLIC: {e}")))?;
-    // TPM2B_PRIVATE: a big-endian u16 size, then the TPM-encrypted bytes.
-    let p = private.value();
-    let len = u16::try_from(p.len()).map_err(|_| Error::Internal("private blob size".into()))?;
-    let mut priv_bytes = len.to_be_bytes().to_vec();
-    priv_bytes.extend_from_slice(p);
+    let (public, private) = encode_pair(public, private)?;
     Ok(BlobFile {
         format: BLOB_FORMAT.into(),
         version: 1,
@@ -1573,32 +1564,56 @@ fn make_blob(
         imported,
         auth,
         hmac_prehashed,
-        public: b64.encode(pub_bytes),
-        private: b64.encode(priv_bytes),
+        public,
+        private,
     })
 }
 
-fn parse_blob(text: &[u8]) -> Result<(BlobFile, Public, Private)> {
+/// A key object's two halves as stored in keyward's files: base64 of the marshalled
+/// TPM2B_PUBLIC and of TPM2B_PRIVATE (big-endian u16 size, then the TPM-encrypted bytes),
+/// the layout of tpm2-tools' `-u`/`-r` files.
+pub(crate) fn encode_pair(public: &Public, private: &Private) -> Result<(String, String)> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
+    let pub_bytes = PublicBuffer::try_from(public.clone())
+        .and_then(|b| b.marshall())
+        .map_err(|e| Error::Internal(format!("marshalling TPM2B_PUBLIC: {e}")))?;
+    let p = private.value();
+    let len = u16::try_from(p.len()).map_err(|_| Error::Internal("private blob size".into()))?;
+    let mut priv_bytes = len.to_be_bytes().to_vec();
+    priv_bytes.extend_from_slice(p);
+    Ok((b64.encode(pub_bytes), b64.encode(priv_bytes)))
+}
+
+/// Inverse of [`encode_pair`]; the error names the malformed part (callers add what file).
+pub(crate) fn decode_pair(
+    public: &str,
+    private: &str,
+) -> std::result::Result<(Public, Private), String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pub_bytes = b64.decode(public).map_err(|_| "public".to_string())?;
+    let public = PublicBuffer::unmarshall(&pub_bytes)
+        .and_then(Public::try_from)
+        .map_err(|e| format!("TPM2B_PUBLIC: {e}"))?;
+    let priv_bytes = b64.decode(private).map_err(|_| "private".to_string())?;
+    if priv_bytes.len() < 2
+        || usize::from(u16::from_be_bytes([priv_bytes[0], priv_bytes[1]])) != priv_bytes.len() - 2
+    {
+        return Err("TPM2B_PRIVATE size".into());
+    }
+    let private =
+        Private::try_from(priv_bytes[2..].to_vec()).map_err(|e| format!("TPM2B_PRIVATE: {e}"))?;
+    Ok((public, private))
+}
+
+fn parse_blob(text: &[u8]) -> Result<(BlobFile, Public, Private)> {
     let bad = |what: &str| Error::Internal(format!("malformed TPM key blob: {what}"));
     let blob: BlobFile = serde_json::from_slice(text).map_err(|e| bad(&e.to_string()))?;
     if blob.format != BLOB_FORMAT || blob.version != 1 || blob.parent != PARENT_SRK {
         return Err(bad("unknown format, version or parent"));
     }
-    let pub_bytes = b64.decode(&blob.public).map_err(|_| bad("public"))?;
-    let public = PublicBuffer::unmarshall(&pub_bytes)
-        .and_then(Public::try_from)
-        .map_err(|e| bad(&format!("TPM2B_PUBLIC: {e}")))?;
-    let priv_bytes = b64.decode(&blob.private).map_err(|_| bad("private"))?;
-    if priv_bytes.len() < 2 {
-        return Err(bad("TPM2B_PRIVATE"));
-    }
-    let n = u16::from_be_bytes([priv_bytes[0], priv_bytes[1]]) as usize;
-    if priv_bytes.len() != n + 2 {
-        return Err(bad("TPM2B_PRIVATE size"));
-    }
-    let private = Private::try_from(priv_bytes[2..].to_vec()).map_err(|e| bad(&e.to_string()))?;
+    let (public, private) = decode_pair(&blob.public, &blob.private).map_err(|e| bad(&e))?;
     Ok((blob, public, private))
 }
 
@@ -1681,7 +1696,7 @@ fn public_info_of(
                 0 => 65537,
                 e => e,
             };
-            let spki = rsa_spki(unique.value(), &e.to_be_bytes())?;
+            let spki = crate::pubkey::rsa_spki(unique.value(), &e.to_be_bytes())?;
             Ok(PublicInfo {
                 fingerprint: crate::pubkey::fingerprint(&spki),
                 spki_der: Some(spki),
@@ -1691,7 +1706,7 @@ fn public_info_of(
             let mut point = vec![4u8];
             point.extend(left_pad_plain(unique.x().value(), 32));
             point.extend(left_pad_plain(unique.y().value(), 32));
-            let spki = ec_spki(&point)?;
+            let spki = crate::pubkey::ec_spki(KeyType::P256, &point)?;
             Ok(PublicInfo {
                 fingerprint: crate::pubkey::fingerprint(&spki),
                 spki_der: Some(spki),
@@ -1712,39 +1727,6 @@ fn public_info_of(
             "backend tpm does not support {t} here"
         ))),
     }
-}
-
-fn rsa_spki(n: &[u8], e: &[u8]) -> Result<Vec<u8>> {
-    let e = &e[e.iter().take_while(|b| **b == 0).count()..];
-    let key = pkcs1::RsaPublicKey {
-        modulus: pkcs1::UintRef::new(n).map_err(|e| Error::Internal(e.to_string()))?,
-        public_exponent: pkcs1::UintRef::new(e).map_err(|e| Error::Internal(e.to_string()))?,
-    };
-    let der = key.to_der().map_err(|e| Error::Internal(e.to_string()))?;
-    spki_of(
-        "1.2.840.113549.1.1.1",
-        Some(spki::der::asn1::Null.into()),
-        &der,
-    )
-}
-
-fn ec_spki(point: &[u8]) -> Result<Vec<u8>> {
-    let oid: spki::ObjectIdentifier = "1.2.840.10045.3.1.7"
-        .parse()
-        .map_err(|_| Error::Internal("oid".into()))?;
-    spki_of("1.2.840.10045.2.1", Some(spki::der::Any::from(oid)), point)
-}
-
-fn spki_of(alg: &str, params: Option<spki::der::Any>, key: &[u8]) -> Result<Vec<u8>> {
-    let info = spki::SubjectPublicKeyInfoOwned {
-        algorithm: spki::AlgorithmIdentifierOwned {
-            oid: alg.parse().map_err(|_| Error::Internal("oid".into()))?,
-            parameters: params,
-        },
-        subject_public_key: spki::der::asn1::BitString::from_bytes(key)
-            .map_err(|e| Error::Internal(e.to_string()))?,
-    };
-    info.to_der().map_err(|e| Error::Internal(e.to_string()))
 }
 
 fn summarize(ctx: &mut Context, alias: &str, tcti: &str) -> tss_esapi::Result<TpmSummary> {

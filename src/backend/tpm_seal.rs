@@ -25,14 +25,13 @@ use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, Digest, KeyedHashScheme, PcrSelectionList, PcrSlot, Private, Public, PublicBuffer,
-    PublicBuilder, PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
+    Auth, Digest, KeyedHashScheme, PcrSelectionList, PcrSlot, Private, Public, PublicBuilder,
+    PublicKeyedHashParameters, SensitiveData, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
-use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::Context;
 
-use super::tpm::{effective_tcti, raw_rc, srk_template, LOCKOUT_HINT};
+use super::tpm::{decode_pair, effective_tcti, encode_pair, raw_rc, srk_template, LOCKOUT_HINT};
 use crate::config::TpmConfig;
 use crate::error::{Error, Result};
 use crate::secret::{SecretBytes, SecretSource};
@@ -155,22 +154,8 @@ impl SealedBlob {
     }
 
     fn blobs(&self) -> Result<(Public, Private)> {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let bad = |what: &str| Error::Config(format!("malformed sealed identity: {what}"));
-        let pub_bytes = b64.decode(&self.public).map_err(|_| bad("public"))?;
-        let public = PublicBuffer::unmarshall(&pub_bytes)
-            .and_then(Public::try_from)
-            .map_err(|e| bad(&format!("TPM2B_PUBLIC: {e}")))?;
-        let priv_bytes = b64.decode(&self.private).map_err(|_| bad("private"))?;
-        if priv_bytes.len() < 2
-            || u16::from_be_bytes([priv_bytes[0], priv_bytes[1]]) as usize != priv_bytes.len() - 2
-        {
-            return Err(bad("TPM2B_PRIVATE size"));
-        }
-        let private = Private::try_from(priv_bytes[2..].to_vec())
-            .map_err(|e| bad(&format!("TPM2B_PRIVATE: {e}")))?;
-        Ok((public, private))
+        decode_pair(&self.public, &self.private)
+            .map_err(|what| Error::Config(format!("malformed sealed identity: {what}")))
     }
 }
 
@@ -219,15 +204,7 @@ fn encode(
     public: &Public,
     private: &Private,
 ) -> Result<SealedBlob> {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let pub_bytes = PublicBuffer::try_from(public.clone())
-        .and_then(|b| b.marshall())
-        .map_err(|e| Error::Internal(format!("marshalling TPM2B_PUBLIC: {e}")))?;
-    let p = private.value();
-    let len = u16::try_from(p.len()).map_err(|_| Error::Internal("private blob size".into()))?;
-    let mut priv_bytes = len.to_be_bytes().to_vec();
-    priv_bytes.extend_from_slice(p);
+    let (public, private) = encode_pair(public, private)?;
     Ok(SealedBlob {
         format: SEALED_FORMAT.into(),
         version: 1,
@@ -235,8 +212,8 @@ fn encode(
         parent: PARENT_SRK.into(),
         pcrs: pcrs.cloned(),
         recipient: recipient.into(),
-        public: b64.encode(pub_bytes),
-        private: b64.encode(priv_bytes),
+        public,
+        private,
     })
 }
 
