@@ -115,47 +115,8 @@ impl Fixture {
         u64::from_str_radix(v.trim_start_matches("0x"), 16).expect("hex")
     }
 
-    /// A persistent key made the tpm2-tools way: primary, create, load, evictcontrol.
-    /// `extra` is passed to tpm2_create (e.g. `-p AUTH`). Returns the public key PEM.
     fn persistent_key(&self, alg: &str, handle: &str, extra: &[&str]) -> String {
-        self.tpm2(
-            "tpm2_createprimary",
-            &["-C", "o", "-g", "sha256", "-G", "ecc", "-c", "primary.ctx"],
-        );
-        let (public, private, ctx) = (
-            format!("{handle}.pub"),
-            format!("{handle}.priv"),
-            format!("{handle}.ctx"),
-        );
-        let mut args = vec![
-            "-C",
-            "primary.ctx",
-            "-G",
-            alg,
-            "-u",
-            &public,
-            "-r",
-            &private,
-        ];
-        args.extend_from_slice(extra);
-        self.tpm2("tpm2_create", &args);
-        self.tpm2(
-            "tpm2_load",
-            &[
-                "-C",
-                "primary.ctx",
-                "-u",
-                &public,
-                "-r",
-                &private,
-                "-c",
-                &ctx,
-            ],
-        );
-        self.tpm2("tpm2_evictcontrol", &["-C", "o", "-c", &ctx, handle]);
-        let pem = format!("{handle}.pem");
-        self.tpm2("tpm2_readpublic", &["-c", handle, "-f", "pem", "-o", &pem]);
-        std::fs::read_to_string(self.tpm.dir().join(&pem)).expect("public key PEM")
+        self.tpm.persistent_key(alg, handle, extra)
     }
 }
 

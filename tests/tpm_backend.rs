@@ -367,52 +367,8 @@ fn pem_import_signs_for_the_original_key() {
 #[test]
 fn tpm2_tools_persistent_key_is_adopted() {
     let f = Fixture::new();
-    let t = &f.tpm;
-    let run = |prog: &str, args: &[&str]| {
-        let out = t.tpm2(prog, args);
-        assert!(out.success(), "{prog} failed:\n{out}");
-    };
-    run(
-        "tpm2_createprimary",
-        &["-C", "o", "-g", "sha256", "-G", "ecc", "-c", "primary.ctx"],
-    );
-    for (alg, handle) in [("rsa2048", "0x81000001"), ("ecc256", "0x81000002")] {
-        run(
-            "tpm2_create",
-            &[
-                "-C",
-                "primary.ctx",
-                "-G",
-                alg,
-                "-u",
-                &format!("{alg}.pub"),
-                "-r",
-                &format!("{alg}.priv"),
-            ],
-        );
-        run(
-            "tpm2_load",
-            &[
-                "-C",
-                "primary.ctx",
-                "-u",
-                &format!("{alg}.pub"),
-                "-r",
-                &format!("{alg}.priv"),
-                "-c",
-                &format!("{alg}.ctx"),
-            ],
-        );
-        run(
-            "tpm2_evictcontrol",
-            &["-C", "o", "-c", &format!("{alg}.ctx"), handle],
-        );
-    }
-    run(
-        "tpm2_readpublic",
-        &["-c", "0x81000001", "-f", "pem", "-o", "rsa.pem"],
-    );
-    let rsa_pem = std::fs::read_to_string(t.dir().join("rsa.pem")).expect("rsa.pem");
+    let rsa_pem = f.tpm.persistent_key("rsa2048", "0x81000001", &[]);
+    f.tpm.persistent_key("ecc256", "0x81000002", &[]);
 
     let b = f.backend();
     let (key_ref, kt, info) = b.adopt(0x8100_0001).expect("adopting the RSA key");
@@ -602,42 +558,8 @@ fn wrong_auth_is_reported_and_never_retried() {
         assert!(out.success(), "{prog} failed:\n{out}");
         out.stdout
     };
-    run(
-        "tpm2_createprimary",
-        &["-C", "o", "-g", "sha256", "-G", "ecc", "-c", "primary.ctx"],
-    );
-    run(
-        "tpm2_create",
-        &[
-            "-C",
-            "primary.ctx",
-            "-G",
-            "ecc256",
-            "-p",
-            "right-auth",
-            "-u",
-            "k.pub",
-            "-r",
-            "k.priv",
-        ],
-    );
-    run(
-        "tpm2_load",
-        &[
-            "-C",
-            "primary.ctx",
-            "-u",
-            "k.pub",
-            "-r",
-            "k.priv",
-            "-c",
-            "k.ctx",
-        ],
-    );
-    run(
-        "tpm2_evictcontrol",
-        &["-C", "o", "-c", "k.ctx", "0x81000010"],
-    );
+    f.tpm
+        .persistent_key("ecc256", "0x81000010", &["-p", "right-auth"]);
     let counter = || -> u64 {
         let out = run("tpm2_getcap", &["properties-variable"]);
         let i = out
@@ -710,42 +632,8 @@ fn lockout_names_the_recovery_command() {
             "--lockout-recovery-time=1",
         ],
     );
-    run(
-        "tpm2_createprimary",
-        &["-C", "o", "-g", "sha256", "-G", "ecc", "-c", "primary.ctx"],
-    );
-    run(
-        "tpm2_create",
-        &[
-            "-C",
-            "primary.ctx",
-            "-G",
-            "ecc256",
-            "-p",
-            "right-auth",
-            "-u",
-            "k.pub",
-            "-r",
-            "k.priv",
-        ],
-    );
-    run(
-        "tpm2_load",
-        &[
-            "-C",
-            "primary.ctx",
-            "-u",
-            "k.pub",
-            "-r",
-            "k.priv",
-            "-c",
-            "k.ctx",
-        ],
-    );
-    run(
-        "tpm2_evictcontrol",
-        &["-C", "o", "-c", "k.ctx", "0x81000020"],
-    );
+    f.tpm
+        .persistent_key("ecc256", "0x81000020", &["-p", "right-auth"]);
     let auth = |s: &str| TpmAuth {
         owner: None,
         key: Some(SecretBytes::from_slice(s.as_bytes())),

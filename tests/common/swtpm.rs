@@ -177,6 +177,53 @@ impl Swtpm {
         out
     }
 
+    /// A persistent key made the tpm2-tools way: primary, create, load, evictcontrol at
+    /// `handle`. `extra` is passed to tpm2_create (e.g. `-p AUTH`). Returns the public key PEM.
+    pub fn persistent_key(&self, alg: &str, handle: &str, extra: &[&str]) -> String {
+        let run = |program: &str, args: &[&str]| {
+            let out = self.tpm2(program, args);
+            assert!(out.success(), "{program} failed:\n{out}");
+        };
+        run(
+            "tpm2_createprimary",
+            &["-C", "o", "-g", "sha256", "-G", "ecc", "-c", "primary.ctx"],
+        );
+        let (public, private, ctx) = (
+            format!("{handle}.pub"),
+            format!("{handle}.priv"),
+            format!("{handle}.ctx"),
+        );
+        let mut args = vec![
+            "-C",
+            "primary.ctx",
+            "-G",
+            alg,
+            "-u",
+            &public,
+            "-r",
+            &private,
+        ];
+        args.extend_from_slice(extra);
+        run("tpm2_create", &args);
+        run(
+            "tpm2_load",
+            &[
+                "-C",
+                "primary.ctx",
+                "-u",
+                &public,
+                "-r",
+                &private,
+                "-c",
+                &ctx,
+            ],
+        );
+        run("tpm2_evictcontrol", &["-C", "o", "-c", &ctx, handle]);
+        let pem = format!("{handle}.pem");
+        run("tpm2_readpublic", &["-c", handle, "-f", "pem", "-o", &pem]);
+        std::fs::read_to_string(self.dir.path().join(&pem)).expect("public key PEM")
+    }
+
     fn tpm2_command(&self, program: &str, args: &[&str]) -> Command {
         let mut c = Command::new(program);
         no_inherit(&mut c);
