@@ -813,36 +813,27 @@ guards = { symbols = ["BTCUSDT"], max_quantity = "5", max_notional = "1000" }
         let (code, msg) = deny(&bot, Ask::Raw).unwrap();
         assert_eq!(code, "forbidden");
         assert!(msg.starts_with("rule raw:"), "{msg}");
-        let (_, msg) = deny(
-            &bot,
-            Ask::Profile(ProfileName::Binance, &view("DELETE", "/api/v3/order")),
-        )
-        .unwrap();
-        assert!(msg.starts_with("rule methods:"), "{msg}");
-        let (_, msg) = deny(
-            &bot,
-            Ask::Profile(
-                ProfileName::Binance,
-                &view("POST", "/sapi/v1/capital/withdraw/apply"),
+        for (method, path, rule) in [
+            ("DELETE", "/api/v3/order", "rule methods:"),
+            (
+                "POST",
+                "/sapi/v1/capital/withdraw/apply",
+                "rule default_deny:",
             ),
-        )
-        .unwrap();
-        assert!(msg.starts_with("rule default_deny:"), "{msg}");
-        let (_, msg) = deny(
-            &bot,
-            Ask::Profile(
-                ProfileName::Binance,
-                &view("POST", "/api/v3/../../sapi/v1/capital/withdraw/apply"),
+            (
+                "POST",
+                "/api/v3/../../sapi/v1/capital/withdraw/apply",
+                "rule path_canonical:",
             ),
-        )
-        .unwrap();
-        assert!(msg.starts_with("rule path_canonical:"), "{msg}");
-        let (_, msg) = deny(
-            &bot,
-            Ask::Profile(ProfileName::Binance, &view("GET", "/fapi/v1/order")),
-        )
-        .unwrap();
-        assert!(msg.starts_with("rule allow_paths:"), "{msg}");
+            ("GET", "/fapi/v1/order", "rule allow_paths:"),
+        ] {
+            let (_, msg) = deny(
+                &bot,
+                Ask::Profile(ProfileName::Binance, &view(method, path)),
+            )
+            .unwrap();
+            assert!(msg.starts_with(rule), "{msg}");
+        }
         let mut big = ok.clone();
         big.body_len = 101;
         let (_, msg) = deny(&bot, Ask::Profile(ProfileName::Binance, &big)).unwrap();
