@@ -105,6 +105,15 @@ fn sign_and_verify(c: &mut Client, key: &str, key_type: &str) {
     v.verify_strict(&r.scheme, msg, &unb64(&r.signature), key);
 }
 
+/// The agent starts with no passphrase input and its Ed25519 key `ed` signs (verified).
+fn starts_unattended_and_signs(h: &TestHome, log_prefix: &str) {
+    let mut p = spawn_unattended(h, log_prefix);
+    let mut c = wait_ready(h, &mut p);
+    sign_and_verify(&mut c, "ed", "ed25519");
+    drop(c);
+    p.terminate();
+}
+
 /// A home initialised with `init --seal-to-tpm host --tpm-tcti <tpm>`.
 fn sealed_home(tpm: &Swtpm) -> TestHome {
     let h = TestHome::uninitialized();
@@ -227,11 +236,7 @@ fn another_tpm_or_no_tpm_refuses_with_the_passphrase_fallback() {
         .trim_matches('"')
         .to_string();
     set_tcti(&h, &cur, &tpm.tcti());
-    let mut p = spawn_unattended(&h, "back");
-    let mut c = wait_ready(&h, &mut p);
-    sign_and_verify(&mut c, "ed", "ed25519");
-    drop(c);
-    p.terminate();
+    starts_unattended_and_signs(&h, "back");
 }
 
 #[test]
@@ -291,11 +296,7 @@ fn identity_seal_on_an_existing_home_binds_to_pcrs() {
         &h.pass_source(),
     ]);
     assert!(out.success(), "reseal failed:\n{out}");
-    let mut p = spawn_unattended(&h, "resealed");
-    let mut c = wait_ready(&h, &mut p);
-    sign_and_verify(&mut c, "ed", "ed25519");
-    drop(c);
-    p.terminate();
+    starts_unattended_and_signs(&h, "resealed");
 }
 
 #[test]
