@@ -17,7 +17,7 @@ use keyward::config::Config;
 use keyward::home::Home;
 use keyward::keystore::{KeyMeta, Keystore};
 use keyward::model::{Algorithm, BackendKind, ClientIdentity, KeyName, KeyRef, KeyType};
-use keyward::policy::engine::{Ask, KeyFacts, Peer};
+use keyward::policy::engine::{Ask, Client, KeyFacts, Peer};
 use keyward::policy::gate::{Gate, Snapshot};
 use keyward::policy::locks::Locks;
 use keyward::profile::{self, Clock, ProfileName};
@@ -454,42 +454,41 @@ impl State {
         Ok(s)
     }
 
-    /// Identity, policy rules, then (when `now_ms` is given) rate limits, failing fast. A
-    /// denial counts towards the key's `lock_after_denials` and may lock it.
-    fn admit(
+    /// Identity, policy rules, then rate limits, failing fast (the `sign` op).
+    fn admit(&self, who: &ClientIdentity, key: &KeyName, s: &Served, ask: &Ask<'_>) -> Result<()> {
+        let snap = self.gate.snapshot();
+        let client = snap.identify(&peer(who))?;
+        self.judge(&snap, &client, key, s, ask)?;
+        snap.take_rate(&self.gate, &client, key, now_ms())
+    }
+
+    /// The policy rules for one request. A denial counts towards the key's
+    /// `lock_after_denials` and may lock it.
+    fn judge(
         &self,
-        who: &ClientIdentity,
+        snap: &Snapshot,
+        client: &Client,
         key: &KeyName,
         s: &Served,
         ask: &Ask<'_>,
-        // Some: take rate tokens at this time (the final check); None: rules only.
-        now_ms: Option<u64>,
-    ) -> Result<Arc<Snapshot>> {
-        let snap = self.gate.snapshot();
-        let client = snap.identify(&peer(who))?;
+    ) -> Result<()> {
         let facts = KeyFacts {
             name: key,
             env: s.meta.env,
             bound_profiles: &s.meta.profiles,
         };
-        if let Err(e) = snap.check(&client, &facts, ask) {
-            if let Some(lock) = self.gate.record_denial(&snap, key) {
-                let locked = self.with_locks(|l| {
-                    l.lock(Some(&lock.key), Some(lock.reason.clone()), self.agent_uid)
-                });
-                match locked {
-                    Ok(()) => tracing::warn!(key = %key, reason = %lock.reason, "key locked"),
-                    Err(le) => {
-                        tracing::error!(key = %key, code = le.code(), "auto-lock failed: {le}")
-                    }
-                }
+        let Err(e) = snap.check(client, &facts, ask) else {
+            return Ok(());
+        };
+        if let Some(lock) = self.gate.record_denial(snap, key) {
+            let locked = self
+                .with_locks(|l| l.lock(Some(&lock.key), Some(lock.reason.clone()), self.agent_uid));
+            match locked {
+                Ok(()) => tracing::warn!(key = %key, reason = %lock.reason, "key locked"),
+                Err(le) => tracing::error!(key = %key, code = le.code(), "auto-lock failed: {le}"),
             }
-            return Err(e);
         }
-        if let Some(now) = now_ms {
-            snap.take_rate(&self.gate, &client, key, now)?;
-        }
-        Ok(snap)
+        Err(e)
     }
 
     /// `sign_request`: the profile builds the exact bytes (agent clock, per-key nonces), the
@@ -503,24 +502,23 @@ impl State {
     ) -> Result<Value> {
         let s = self.usable(key)?;
         let profile: ProfileName = profile.parse()?;
+        // One policy snapshot and one identification for the whole request.
+        let snap = self.gate.snapshot();
+        let client = snap.identify(&peer(who))?;
         // Who may use which profile is judged before the request is parsed: a key bound to
         // binance answers a kraken request with the rule, not with kraken's schema errors.
-        self.admit(
-            who,
-            key,
-            &s,
-            &Ask::Profile(profile, &Default::default()),
-            None,
-        )?;
+        let unparsed = Ask::Profile(profile, &Default::default());
+        self.judge(&snap, &client, key, &s, &unparsed)?;
         let parsed = profile::parse(profile, request)?;
-        let now = now_ms();
-        let snap = self.admit(
-            who,
+        self.judge(
+            &snap,
+            &client,
             key,
             &s,
             &Ask::Profile(profile, &parsed.view),
-            Some(now),
         )?;
+        let now = now_ms();
+        snap.take_rate(&self.gate, &client, key, now)?;
         let info = profile::KeyInfo {
             key_type: Some(s.meta.key_type),
             api_key: s.meta.api_key.clone(),
@@ -590,7 +588,7 @@ impl State {
         scheme: Option<&str>,
     ) -> Result<Value> {
         let s = self.usable(key)?;
-        self.admit(who, key, &s, &Ask::Raw, Some(now_ms()))?;
+        self.admit(who, key, &s, &Ask::Raw)?;
         let alg = scheme_for(&s, scheme)?;
         let msg = STANDARD
             .decode(data)
