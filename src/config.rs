@@ -28,6 +28,66 @@ pub struct Config {
     /// Per-key policy: `[keys.<name>]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keys: BTreeMap<String, KeyPolicy>,
+    /// The audit log (docs/audit.md).
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// The Prometheus listener (docs/operations.md).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[audit]`: the hash-chained log in `<home>/audit/`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `false` turns the audit log off (benchmarks only; `doctor` warns).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Whether a signature waits for its record to be durable. Unset: prod keys do
+    /// (fail-closed), other keys do not (fail-open). `true`/`false` applies to every key.
+    pub fail_closed: Option<bool>,
+    /// A file is closed and a new one started past this size.
+    #[serde(default = "default_audit_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Longest a fail-closed request waits for its record to be durable.
+    #[serde(default = "default_audit_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            fail_closed: None,
+            max_file_bytes: default_audit_max_file_bytes(),
+            timeout_ms: default_audit_timeout_ms(),
+        }
+    }
+}
+
+impl AuditConfig {
+    /// Whether a key of `env` releases a signature only after its record is durable.
+    pub fn fail_closed_for(&self, env: crate::model::Env) -> bool {
+        self.fail_closed.unwrap_or(env == crate::model::Env::Prod)
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_audit_max_file_bytes() -> u64 {
+    64 << 20
+}
+fn default_audit_timeout_ms() -> u64 {
+    2000
+}
+
+/// `[metrics]`: Prometheus text exposition on a loopback listener (off unless `listen` is set).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `127.0.0.1:9464`-style address; only loopback addresses are accepted.
+    pub listen: Option<String>,
 }
 
 /// Debian's SoftHSM module; any vendor module is configured the same way.
@@ -219,6 +279,26 @@ impl Config {
         }
         self.policy(0)
             .map_err(|e| Error::Config(format!("{}: {e}", origin.display())))?;
+        if self.audit.max_file_bytes < 4096 || self.audit.timeout_ms == 0 {
+            return Err(Error::Config(format!(
+                "{}: audit.max_file_bytes must be at least 4096 and audit.timeout_ms > 0",
+                origin.display()
+            )));
+        }
+        if let Some(l) = &self.metrics.listen {
+            let addr: std::net::SocketAddr = l.parse().map_err(|_| {
+                Error::Config(format!(
+                    "{}: metrics.listen must be an address like \"127.0.0.1:9464\"",
+                    origin.display()
+                ))
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(Error::Config(format!(
+                    "{}: metrics.listen must be a loopback address (the metrics are not authenticated)",
+                    origin.display()
+                )));
+            }
+        }
         if a.queue == 0 || a.max_connections == 0 || a.max_in_flight == 0 {
             return Err(Error::Config(format!(
                 "{}: agent.queue, agent.max_connections and agent.max_in_flight must be > 0",
@@ -264,6 +344,15 @@ pub const DEFAULT_CONFIG: &str = r#"# keyward configuration. Unknown keys are er
 # max_connections = 4096
 # max_in_flight = 256                           # pipelined requests per connection
 # log_format = "human"                          # or "json"
+
+[audit]
+# enabled = true
+# fail_closed = true                            # default: prod keys only (signature released once its record is durable)
+# max_file_bytes = 67108864                     # start a new audit file past this size
+# timeout_ms = 2000                             # longest a fail-closed request waits for the disk
+
+[metrics]
+# listen = "127.0.0.1:9464"                     # Prometheus text on GET /metrics; loopback only
 "#;
 
 #[cfg(test)]

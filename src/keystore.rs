@@ -51,6 +51,13 @@ pub struct KeyVersion {
     /// Base64 SPKI DER; absent for HMAC keys.
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Set on the version that was current when another was activated (RFC 3339): it still
+    /// signs when a request names it, until then (docs/lifecycle.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_until: Option<String>,
+    /// A disabled version never signs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 impl KeyMeta {

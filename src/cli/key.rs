@@ -630,6 +630,8 @@ fn write_meta(store: &Keystore, spec: &KeySpec, nk: &NewKey, common: &Common) ->
                 .spki_der
                 .as_ref()
                 .map(|d| base64::engine::general_purpose::STANDARD.encode(d)),
+            grace_until: None,
+            disabled: false,
         }],
     };
     store.create(&meta)?;
