@@ -2,6 +2,7 @@
 //! This crate root only re-exports; each concern lives in the module named after it.
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod backend;
 pub mod bench;
 pub mod client;

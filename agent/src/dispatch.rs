@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use keyward::audit::{self, AuditLog, Record};
 use keyward::backend::pkcs11::Pkcs11Backend;
 use keyward::backend::soft::SoftBackend;
 use keyward::backend::tpm::{TpmAuth, TpmBackend};
@@ -16,7 +17,7 @@ use keyward::backend::{Backend, Health};
 use keyward::config::Config;
 use keyward::home::Home;
 use keyward::keystore::{KeyMeta, Keystore};
-use keyward::model::{Algorithm, BackendKind, ClientIdentity, KeyName, KeyRef, KeyType};
+use keyward::model::{Algorithm, BackendKind, ClientIdentity, Env, KeyName, KeyRef, KeyType};
 use keyward::policy::engine::{Ask, Client, KeyFacts, Peer};
 use keyward::policy::gate::{Gate, Snapshot};
 use keyward::policy::locks::Locks;
@@ -62,6 +63,10 @@ pub struct State {
     locks: Mutex<Locks>,
     /// Policy, rate buckets, daily caps and nonces.
     gate: Gate,
+    /// The hash-chained audit log (ARCHITECTURE §7).
+    pub audit: AuditLog,
+    /// Last health seen per backend (`pkcs11:<alias>`, `tpm:<alias>`), for up/down records.
+    health_seen: Mutex<HashMap<String, bool>>,
     pub connections: AtomicUsize,
     pub requests: AtomicU64,
 }
@@ -74,6 +79,11 @@ impl State {
         let tpms = build_tpms(&config, &home, &HashMap::new())?;
         let agent_uid = keyward::sys::effective_uid();
         let gate = Gate::new(&config, &home.state_dir(), agent_uid)?;
+        let audit = if config.audit.enabled {
+            AuditLog::start(&home.audit_dir(), &config.audit, None)?
+        } else {
+            AuditLog::disabled()
+        };
         let state = State {
             socket,
             started: Instant::now(),
@@ -88,6 +98,8 @@ impl State {
             config: RwLock::new(Arc::new(config)),
             locks: Mutex::new(locks),
             gate,
+            audit,
+            health_seen: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             home,
@@ -328,12 +340,33 @@ impl State {
             }
             Op::ListKeys {} => self.list_keys(),
             Op::PublicKey { key, format } => self.public_key(&key, format.as_deref()),
-            Op::Sign { key, data, scheme } => self.sign(who, &key, &data, scheme.as_deref()).await,
+            Op::Sign { key, data, scheme } => {
+                let started = Instant::now();
+                let mut trail = Trail::default();
+                let r = self
+                    .sign(who, &key, &data, scheme.as_deref(), &mut trail)
+                    .await;
+                self.audited("sign", who, &key, trail, started, r).await
+            }
             Op::SignRequest {
                 key,
                 profile,
                 request,
-            } => self.sign_request(who, &key, &profile, &request).await,
+            } => {
+                let started = Instant::now();
+                let mut trail = Trail {
+                    profile: Some(profile.clone()),
+                    request_sha256: serde_json::to_vec(&request)
+                        .ok()
+                        .map(|b| audit::sha256_hex(&b)),
+                    ..Trail::default()
+                };
+                let r = self
+                    .sign_request(who, &key, &profile, &request, &mut trail)
+                    .await;
+                self.audited("sign_request", who, &key, trail, started, r)
+                    .await
+            }
             Op::Status {} => self.status(),
             Op::Lock { key, all, reason } => {
                 self.require_admin(who)?;
@@ -349,6 +382,7 @@ impl State {
                     }
                 }
                 self.with_locks(|l| l.lock(target, reason.clone(), who.uid))?;
+                self.admin_record(who, "lock", target, reason.clone());
                 tracing::warn!(uid = who.uid, key = ?target.map(KeyName::as_str), reason = ?reason, "signing locked");
                 Ok(json!({"locked": true, "locks": self.with_locks(|l| Ok(l.list()))?}))
             }
@@ -356,13 +390,17 @@ impl State {
                 self.require_admin(who)?;
                 let target = lock_target(key.as_ref(), all)?;
                 self.with_locks(|l| l.unlock(target))?;
+                self.admin_record(who, "unlock", target, None);
                 tracing::warn!(uid = who.uid, key = ?target.map(KeyName::as_str), "signing unlocked");
                 Ok(json!({"locked": false, "locks": self.with_locks(|l| Ok(l.list()))?}))
             }
             Op::Reload {} => {
                 self.require_admin(who)?;
                 // File I/O and key parsing: keep the reactor thread free for other clients.
-                let n = tokio::task::block_in_place(|| self.reload())?;
+                let n = tokio::task::block_in_place(|| self.reload());
+                let outcome = n.as_ref().err().map(|e| format!("failed: {e}"));
+                self.admin_record(who, "reload", None, outcome);
+                let n = n?;
                 tracing::info!(uid = who.uid, keys = n, "reloaded");
                 Ok(json!({"reloaded": true, "keys": n}))
             }
@@ -373,10 +411,133 @@ impl State {
         if self.is_admin(who) {
             Ok(())
         } else {
+            let mut r = Record::new("admin");
+            r.ts = keyward::keystore::now_rfc3339();
+            r.client = Some(audit::client_info(who, None));
+            r.decision = Some("deny".into());
+            r.code = Some("forbidden".into());
+            r.reason = Some("not an admin client".into());
+            self.audit.record(r);
             Err(Error::Forbidden(
                 "this operation needs an admin client".into(),
             ))
         }
+    }
+
+    /// `agent_start` / `agent_stop`, with the agent's pid and version.
+    pub fn lifecycle_record(&self, event: &str) {
+        let mut r = Record::new(event);
+        r.ts = keyward::keystore::now_rfc3339();
+        r.reason = Some(format!(
+            "keyward agent {} pid {}, {} key(s)",
+            keyward::VERSION,
+            std::process::id(),
+            self.status_keys()
+        ));
+        self.audit.record(r);
+    }
+
+    /// Record every backend whose health changed since the last look (`backend_up` /
+    /// `backend_down` with the device's error).
+    pub fn watch_backends(&self) {
+        let mut now: Vec<(String, Health)> = self
+            .tokens()
+            .values()
+            .map(|t| (format!("pkcs11:{}", t.alias()), t.health()))
+            .collect();
+        now.extend(
+            self.tpms()
+                .values()
+                .map(|t| (format!("tpm:{}", t.alias()), t.health())),
+        );
+        let Ok(mut seen) = self.health_seen.lock() else {
+            return;
+        };
+        for (name, health) in now {
+            let up = matches!(health, Health::Up);
+            if seen.insert(name.clone(), up) == Some(up) {
+                continue;
+            }
+            let mut r = Record::new(if up { "backend_up" } else { "backend_down" });
+            r.ts = keyward::keystore::now_rfc3339();
+            r.op = Some(name);
+            if let Health::Down(why) = health {
+                r.reason = Some(why);
+            }
+            self.audit.record(r);
+        }
+    }
+
+    /// An admin action done by the agent for `who` (fail-open: the action already happened).
+    fn admin_record(
+        &self,
+        who: &ClientIdentity,
+        op: &str,
+        key: Option<&KeyName>,
+        reason: Option<String>,
+    ) {
+        let mut r = Record::new("admin");
+        r.ts = keyward::keystore::now_rfc3339();
+        r.client = Some(audit::client_info(who, None));
+        r.op = Some(op.into());
+        r.key = key.map(|k| k.to_string());
+        r.decision = Some("allow".into());
+        r.reason = reason;
+        self.audit.record(r);
+    }
+
+    /// Write the record of one signing request. An allowed request on a fail-closed key is
+    /// answered only once its record is durable; if it cannot be, the signature is withheld.
+    async fn audited(
+        &self,
+        op: &str,
+        who: &ClientIdentity,
+        key: &KeyName,
+        trail: Trail,
+        started: Instant,
+        result: Result<Value>,
+    ) -> Result<Value> {
+        if !self.audit.enabled() {
+            return result;
+        }
+        let mut r = Record::new(op);
+        r.ts = keyward::keystore::now_rfc3339();
+        r.client = Some(audit::client_info(who, trail.client.as_deref()));
+        r.key = Some(key.to_string());
+        r.version = trail.version;
+        r.profile = trail.profile;
+        r.op = Some(op.into());
+        r.method = trail.method;
+        r.path = trail.path;
+        r.request_sha256 = trail.request_sha256;
+        r.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        match &result {
+            Ok(_) => r.decision = Some("allow".into()),
+            Err(e) => {
+                let denied = matches!(
+                    e,
+                    Error::PolicyDenied(_)
+                        | Error::RateLimited { .. }
+                        | Error::Locked(_)
+                        | Error::KeyDisabled(_)
+                        | Error::Forbidden(_)
+                        | Error::Unauthorized(_)
+                );
+                r.decision = Some(if denied { "deny" } else { "error" }.into());
+                r.code = Some(e.code().into());
+                r.reason = Some(e.to_string());
+            }
+        }
+        let fail_closed = result.is_ok()
+            && trail
+                .env
+                .is_some_and(|env| self.config().audit.fail_closed_for(env));
+        if fail_closed {
+            self.audit.durable(r).await?;
+        } else {
+            self.audit.record(r);
+        }
+        result
     }
 
     fn with_locks<T>(&self, f: impl FnOnce(&mut Locks) -> Result<T>) -> Result<T> {
@@ -455,9 +616,17 @@ impl State {
     }
 
     /// Identity, policy rules, then rate limits, failing fast (the `sign` op).
-    fn admit(&self, who: &ClientIdentity, key: &KeyName, s: &Served, ask: &Ask<'_>) -> Result<()> {
+    fn admit(
+        &self,
+        who: &ClientIdentity,
+        key: &KeyName,
+        s: &Served,
+        ask: &Ask<'_>,
+        trail: &mut Trail,
+    ) -> Result<()> {
         let snap = self.gate.snapshot();
         let client = snap.identify(&peer(who))?;
+        trail.client = Some(client.name.clone());
         self.judge(&snap, &client, key, s, ask)?;
         snap.take_rate(&self.gate, &client, key, now_ms())
     }
@@ -499,17 +668,23 @@ impl State {
         key: &KeyName,
         profile: &str,
         request: &Value,
+        trail: &mut Trail,
     ) -> Result<Value> {
         let s = self.usable(key)?;
+        trail.version = Some(s.meta.current);
+        trail.env = Some(s.meta.env);
         let profile: ProfileName = profile.parse()?;
         // One policy snapshot and one identification for the whole request.
         let snap = self.gate.snapshot();
         let client = snap.identify(&peer(who))?;
+        trail.client = Some(client.name.clone());
         // Who may use which profile is judged before the request is parsed: a key bound to
         // binance answers a kraken request with the rule, not with kraken's schema errors.
         let unparsed = Ask::Profile(profile, &Default::default());
         self.judge(&snap, &client, key, &s, &unparsed)?;
         let parsed = profile::parse(profile, request)?;
+        trail.method = parsed.view.method.clone();
+        trail.path = parsed.view.path.clone();
         self.judge(
             &snap,
             &client,
@@ -586,13 +761,17 @@ impl State {
         key: &KeyName,
         data: &str,
         scheme: Option<&str>,
+        trail: &mut Trail,
     ) -> Result<Value> {
         let s = self.usable(key)?;
-        self.admit(who, key, &s, &Ask::Raw)?;
+        trail.version = Some(s.meta.current);
+        trail.env = Some(s.meta.env);
+        self.admit(who, key, &s, &Ask::Raw, trail)?;
         let alg = scheme_for(&s, scheme)?;
         let msg = STANDARD
             .decode(data)
             .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
+        trail.request_sha256 = Some(audit::sha256_hex(&msg));
         let sig = self.run_sign(&s, alg, msg).await?;
         let (signature, digest) = match sig.recovery_id {
             Some(rid) => {
@@ -657,6 +836,19 @@ impl State {
             .collect(),
         })
     }
+}
+
+/// What the audit record of one signing request says beyond its outcome; filled in as the
+/// request gets through identification and key lookup.
+#[derive(Default)]
+struct Trail {
+    client: Option<String>,
+    version: Option<u32>,
+    env: Option<Env>,
+    profile: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    request_sha256: Option<String>,
 }
 
 /// Open the configured PKCS#11 tokens, keeping `current` ones whose configuration did not

@@ -27,6 +27,10 @@ use keyward::{Error, Result};
 const DRAIN: Duration = Duration::from_secs(10);
 /// How long exiting waits for runtime threads after the drain (a hung device call holds one).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How often backend health is looked at for up/down audit records.
+const BACKEND_WATCH: Duration = Duration::from_secs(1);
+/// How long exiting waits for the last audit records to be durable.
+const AUDIT_FLUSH: Duration = Duration::from_secs(5);
 
 /// Start-up options; everything else comes from keyward.toml.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -110,8 +114,18 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
         .thread_name("keyward-io")
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
+    let audited = state.clone();
     let served = rt.block_on(async move {
         let listener = server::bind(&socket)?;
+        state.lifecycle_record("agent_start");
+        let watched = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(BACKEND_WATCH);
+            loop {
+                tick.tick().await;
+                watched.watch_backends();
+            }
+        });
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(signals::watch_signals(state.clone(), tx));
         tracing::info!(
@@ -134,6 +148,8 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
     // Do not wait for threads still inside a device call that never returned (pool.rs
     // `Pool::sign_here`): their clients were answered and their connections closed.
     rt.shutdown_timeout(SHUTDOWN_GRACE);
+    audited.lifecycle_record("agent_stop");
+    audited.audit.flush(AUDIT_FLUSH);
     served
 }
 
