@@ -23,8 +23,8 @@ use keyward::policy::gate::{Gate, Snapshot};
 use keyward::policy::locks::Locks;
 use keyward::profile::{self, Clock, ProfileName};
 use keyward::proto::{
-    BackendStatus, HelloResult, KeyInfo, Op, PublicKeyResult, SignResult, StatusResult,
-    PROTOCOL_VERSION,
+    AuditStatus, BackendStatus, HelloResult, KeyInfo, Op, PublicKeyResult, SignResult,
+    StatusResult, PROTOCOL_VERSION,
 };
 use keyward::{pubkey, Error, Result};
 use serde_json::{json, Value};
@@ -834,7 +834,21 @@ impl State {
                 }
             }))
             .collect(),
+            audit: Some(self.audit_status()),
+            metrics: None,
         })
+    }
+
+    fn audit_status(&self) -> AuditStatus {
+        let st = self.audit.stats();
+        AuditStatus {
+            enabled: self.audit.enabled(),
+            available: !self.audit.enabled() || st.available.load(Ordering::Relaxed),
+            written: st.written.load(Ordering::Relaxed),
+            dropped: st.dropped.load(Ordering::Relaxed),
+            queued: st.queued.load(Ordering::Relaxed),
+            last_error: st.last_error.lock().ok().and_then(|e| e.clone()),
+        }
     }
 }
 

@@ -335,6 +335,26 @@ pub struct StatusResult {
     pub memory_locked: bool,
     pub locks: Vec<LockInfo>,
     pub backends: Vec<BackendStatus>,
+    /// The audit writer's state (absent from agents before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditStatus>,
+    /// The agent's metrics in Prometheus text exposition format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditStatus {
+    pub enabled: bool,
+    /// False after a write failed, until one works again.
+    pub available: bool,
+    pub written: u64,
+    /// Records that could not be written (fail-open keys kept signing).
+    pub dropped: u64,
+    /// Records handed to the writer and not yet durable.
+    pub queued: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
