@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use crate::error::{Error, IoContext, Result};
 use crate::home::{self, Home, TMP_PREFIX};
@@ -78,9 +80,120 @@ impl KeyMeta {
             locator: v.locator.clone(),
         }
     }
+
+    /// Version `v` for an operator's command: an unknown version is bad input (`bad_request`)
+    /// naming the versions that exist, not an internal error like [`KeyMeta::version`].
+    pub fn find_version(&self, v: u32) -> Result<&KeyVersion> {
+        self.versions
+            .iter()
+            .find(|x| x.version == v)
+            .ok_or_else(|| self.no_such_version(v))
+    }
+
+    pub fn find_version_mut(&mut self, v: u32) -> Result<&mut KeyVersion> {
+        let err = self.no_such_version(v);
+        self.versions.iter_mut().find(|x| x.version == v).ok_or(err)
+    }
+
+    fn no_such_version(&self, v: u32) -> Error {
+        let have: Vec<String> = self
+            .versions
+            .iter()
+            .map(|x| x.version.to_string())
+            .collect();
+        Error::BadRequest(format!(
+            "key {} has no version {v} (versions: {})",
+            self.name,
+            have.join(", ")
+        ))
+    }
+
+    /// The number a new version gets: one above the highest listed (numbers of deleted
+    /// versions below it stay unused; a deleted highest one is given out again).
+    pub fn next_version(&self) -> Result<u32> {
+        self.versions
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| {
+                Error::BadRequest(format!("key {} has no version numbers left", self.name))
+            })
+    }
+
+    /// Where version `v` stands at `now` (see [`VersionState`]). The key-wide `disabled` flag
+    /// is separate: it stops every version whatever its state.
+    pub fn version_state(&self, v: &KeyVersion, now: OffsetDateTime) -> VersionState {
+        if v.disabled {
+            return VersionState::Disabled;
+        }
+        if v.version == self.current {
+            return VersionState::Current;
+        }
+        if v.grace_until.is_some() {
+            // An unreadable time counts as passed: a hand-edited file must not extend a grace.
+            return match v.grace_end() {
+                Some(t) if t > now => VersionState::Grace,
+                _ => VersionState::Retired,
+            };
+        }
+        if v.version > self.current {
+            VersionState::Pending
+        } else {
+            VersionState::Retired
+        }
+    }
+}
+
+/// The lifecycle state of one key version (docs/lifecycle.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionState {
+    /// The version `sign` uses.
+    Current,
+    /// Was current until another version was activated; still signs when a request names it,
+    /// until its `grace_until`.
+    Grace,
+    /// Created by a rotation and not activated yet (higher than the current version).
+    Pending,
+    /// Switched off by an operator; never signs.
+    Disabled,
+    /// Its grace period passed, or it was never activated and a later version was.
+    Retired,
+}
+
+impl VersionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Current => "current",
+            VersionState::Grace => "grace",
+            VersionState::Pending => "pending",
+            VersionState::Disabled => "disabled",
+            VersionState::Retired => "retired",
+        }
+    }
+
+    /// Whether a request naming this version explicitly may sign with it.
+    pub fn signs_when_named(self) -> bool {
+        matches!(self, VersionState::Current | VersionState::Grace)
+    }
+}
+
+impl std::fmt::Display for VersionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl KeyVersion {
+    /// `grace_until` as a time; `None` when unset or not RFC 3339.
+    pub fn grace_end(&self) -> Option<OffsetDateTime> {
+        self.grace_until
+            .as_deref()
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+    }
+
     pub fn spki_der(&self) -> Result<Option<Vec<u8>>> {
         self.public_key
             .as_deref()
@@ -95,13 +208,15 @@ impl KeyVersion {
 
 /// Now, as RFC 3339 UTC with seconds precision.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
+    rfc3339(OffsetDateTime::now_utc())
+}
+
+/// `t` as RFC 3339 UTC with seconds precision (the form metadata stores).
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
         .replace_nanosecond(0)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
@@ -166,6 +281,24 @@ impl Keystore {
         })
     }
 
+    /// Hold this while reading, changing and saving a key's metadata, so two commands
+    /// changing keys at once (an `activate` and a `disable`, two `rotate`s) cannot lose one
+    /// another's change. Released when the guard drops (or the process dies).
+    pub fn lock(&self) -> Result<MetaLock> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A dot file: key listings and permission checks skip it.
+        let p = self.dir.join(".lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .ctx(format!("opening {}", p.display()))?;
+        flock_exclusive(&f).ctx(format!("locking {}", p.display()))?;
+        Ok(MetaLock { _file: f })
+    }
+
     /// Replace the metadata of an existing key.
     pub fn save(&self, meta: &KeyMeta) -> Result<()> {
         home::atomic_write(&self.meta_path(&meta.name), &encode(meta)?)
@@ -199,6 +332,28 @@ impl Keystore {
     }
 }
 
+/// An exclusive hold on the key registry, from [`Keystore::lock`].
+#[derive(Debug)]
+pub struct MetaLock {
+    _file: fs::File,
+}
+
+// The MSRV (1.85) predates `File::lock`; flock(2) on a descriptor this function borrows.
+#[allow(unsafe_code)]
+fn flock_exclusive(f: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock only reads the descriptor, which `f` keeps open for the call.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn read_meta(p: &std::path::Path) -> Result<KeyMeta> {
     let md = fs::metadata(p).ctx(format!("reading {}", p.display()))?;
     if md.len() > MAX_META {
@@ -212,4 +367,83 @@ fn encode(meta: &KeyMeta) -> Result<Vec<u8>> {
     toml::to_string(meta)
         .map(String::into_bytes)
         .map_err(|e| Error::Internal(format!("encoding key metadata: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn version(n: u32, grace_until: Option<&str>, disabled: bool) -> KeyVersion {
+        KeyVersion {
+            version: n,
+            locator: format!("k.{n}.age"),
+            created: "2026-01-01T00:00:00Z".into(),
+            fingerprint: "SHA256:x".into(),
+            public_key: None,
+            grace_until: grace_until.map(str::to_string),
+            disabled,
+        }
+    }
+
+    fn meta(current: u32, versions: Vec<KeyVersion>) -> KeyMeta {
+        KeyMeta {
+            name: KeyName::new("k").unwrap(),
+            key_type: KeyType::Ed25519,
+            backend: BackendKind::Soft,
+            env: Env::Prod,
+            created: "2026-01-01T00:00:00Z".into(),
+            current,
+            disabled: false,
+            profiles: Vec::new(),
+            api_key: None,
+            address: None,
+            versions,
+        }
+    }
+
+    #[test]
+    fn version_states_follow_current_grace_and_flags() {
+        let now = datetime!(2026-06-01 12:00 UTC);
+        let m = meta(
+            3,
+            vec![
+                version(1, None, false),
+                version(2, Some("2026-06-01T13:00:00Z"), false),
+                version(3, None, false),
+                version(4, None, false),
+                version(5, None, true),
+                version(6, Some("2026-06-01T12:00:00Z"), false),
+                version(7, Some("not a time"), false),
+                version(8, Some("2026-06-02T00:00:00Z"), true),
+            ],
+        );
+        let got: Vec<VersionState> = m.versions.iter().map(|v| m.version_state(v, now)).collect();
+        use VersionState::*;
+        // 6: a grace that ends exactly now has ended; 7: an unreadable end has ended too.
+        assert_eq!(
+            got,
+            [Retired, Grace, Current, Pending, Disabled, Retired, Retired, Disabled]
+        );
+        assert!(Grace.signs_when_named() && Current.signs_when_named());
+        assert!(!Pending.signs_when_named() && !Retired.signs_when_named());
+        assert_eq!(m.next_version().unwrap(), 9);
+        assert_eq!(meta(1, Vec::new()).next_version().unwrap(), 1);
+        assert_eq!(
+            meta(1, vec![version(u32::MAX, None, false)])
+                .next_version()
+                .unwrap_err()
+                .code(),
+            "bad_request"
+        );
+        assert_eq!(m.find_version(9).unwrap_err().code(), "bad_request");
+    }
+
+    #[test]
+    fn rfc3339_is_utc_seconds() {
+        let t = datetime!(2026-06-01 12:00:00.75 +02:00);
+        assert_eq!(rfc3339(t), "2026-06-01T10:00:00Z");
+        let v = version(1, Some(&rfc3339(t)), false);
+        assert_eq!(v.grace_end(), Some(datetime!(2026-06-01 10:00 UTC)));
+    }
 }

@@ -717,7 +717,7 @@ fn four_clients_for_ten_seconds_every_signature_verifies() {
                 let mut n = 0u64;
                 while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                     let msg = format!("client {i} request {n}");
-                    let (key, scheme, v) = if n % 2 == 0 {
+                    let (key, scheme, v) = if n.is_multiple_of(2) {
                         ("rsa", "rsa-pss-sha256", &vr)
                     } else {
                         ("ec", "ecdsa-p256-sha256", &ve)

@@ -727,7 +727,7 @@ fn four_threads_share_the_tpm() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let msg = format!("thread {i} request {n}");
-                let (k, alg, v) = if n % 2 == 0 {
+                let (k, alg, v) = if n.is_multiple_of(2) {
                     (&rsa, Algorithm::RsaPssSha256, &vr)
                 } else {
                     (&ec, Algorithm::EcdsaP256Sha256, &ve)

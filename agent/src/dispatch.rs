@@ -29,6 +29,7 @@ use keyward::proto::{
 use keyward::{pubkey, Error, Result};
 use serde_json::{json, Value};
 
+use super::metrics::{Gauges, Metrics};
 use super::pool::Pool;
 
 /// One key as the agent serves it.
@@ -65,6 +66,7 @@ pub struct State {
     gate: Gate,
     /// The hash-chained audit log (ARCHITECTURE §7).
     pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
     /// Last health seen per backend (`pkcs11:<alias>`, `tpm:<alias>`), for up/down records.
     health_seen: Mutex<HashMap<String, bool>>,
     pub connections: AtomicUsize,
@@ -79,8 +81,10 @@ impl State {
         let tpms = build_tpms(&config, &home, &HashMap::new())?;
         let agent_uid = keyward::sys::effective_uid();
         let gate = Gate::new(&config, &home.state_dir(), agent_uid)?;
+        let metrics = Arc::new(Metrics::new());
         let audit = if config.audit.enabled {
-            AuditLog::start(&home.audit_dir(), &config.audit, None)?
+            let observer: Arc<dyn keyward::audit::Observer> = metrics.clone();
+            AuditLog::start(&home.audit_dir(), &config.audit, Some(observer))?
         } else {
             AuditLog::disabled()
         };
@@ -99,6 +103,7 @@ impl State {
             locks: Mutex::new(locks),
             gate,
             audit,
+            metrics,
             health_seen: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -497,6 +502,36 @@ impl State {
         started: Instant,
         result: Result<Value>,
     ) -> Result<Value> {
+        // Label values from the agent's own tables only (series count stays bounded).
+        let key_label = if self.table().keys.contains_key(key) {
+            key.as_str()
+        } else {
+            "_unknown"
+        };
+        let profile_label = match trail.profile.as_deref() {
+            None => "none".to_string(),
+            Some(p) => p
+                .parse::<ProfileName>()
+                .map_or("_invalid".to_string(), |_| p.to_string()),
+        };
+        let result = self
+            .audit_request(op, who, key, trail, started, result)
+            .await;
+        let code = result.as_ref().err().map_or("ok", Error::code);
+        self.metrics
+            .request(op, key_label, &profile_label, code, started.elapsed());
+        result
+    }
+
+    async fn audit_request(
+        &self,
+        op: &str,
+        who: &ClientIdentity,
+        key: &KeyName,
+        trail: Trail,
+        started: Instant,
+        result: Result<Value>,
+    ) -> Result<Value> {
         if !self.audit.enabled() {
             return result;
         }
@@ -835,8 +870,35 @@ impl State {
             }))
             .collect(),
             audit: Some(self.audit_status()),
-            metrics: None,
+            metrics: Some(self.metrics_text()),
         })
+    }
+
+    /// The Prometheus text exposition, with gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let mut backends = vec![("soft".to_string(), true)];
+        backends.extend(self.tokens().values().map(|t| {
+            (
+                format!("pkcs11:{}", t.alias()),
+                matches!(t.health(), Health::Up),
+            )
+        }));
+        backends.extend(self.tpms().values().map(|t| {
+            (
+                format!("tpm:{}", t.alias()),
+                matches!(t.health(), Health::Up),
+            )
+        }));
+        let st = self.audit.stats();
+        self.metrics.set_gauges(Gauges {
+            queue_depth: self.pool.depth(),
+            connections: self.connections.load(Ordering::Relaxed),
+            locks: self.with_locks(|l| Ok(l.list().len())).unwrap_or(0),
+            audit_queued: st.queued.load(Ordering::Relaxed),
+            audit_available: !self.audit.enabled() || st.available.load(Ordering::Relaxed),
+            backends: &backends,
+        });
+        self.metrics.encode()
     }
 
     fn audit_status(&self) -> AuditStatus {

@@ -6,6 +6,8 @@
 // (see docs/decisions.md), and must find them relative to this file.
 #[path = "dispatch.rs"]
 pub mod dispatch;
+#[path = "metrics.rs"]
+pub mod metrics;
 #[path = "pool.rs"]
 pub mod pool;
 #[path = "server.rs"]
@@ -118,6 +120,15 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
     let served = rt.block_on(async move {
         let listener = server::bind(&socket)?;
         state.lifecycle_record("agent_start");
+        if let Some(addr) = state.config().metrics.listen.clone() {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| Error::Config(format!("metrics.listen {addr}: {e}")))?;
+            let scraped = state.clone();
+            let render = Arc::new(move || scraped.metrics_text());
+            tokio::spawn(metrics::serve(listener, render));
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        }
         let watched = state.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(BACKEND_WATCH);

@@ -474,6 +474,21 @@ impl TpmBackend {
         }
     }
 
+    /// Load a key into the TPM and let it go again (`keyward doctor`): a blob stops loading
+    /// once the owner hierarchy was cleared or on another TPM, which reading the file misses.
+    pub fn probe(&self, key: &KeyRef) -> Result<()> {
+        let data = self.key_data(key)?;
+        self.call(self.limit(), move |w| {
+            w.with_conn(|c| {
+                let (h, flush_after) = c.handle_of(&data)?;
+                if flush_after {
+                    let _ = c.ctx.flush_context(h);
+                }
+                Ok(())
+            })
+        })
+    }
+
     fn read_persistent(&self, handle: u32) -> Result<(KeyType, PublicInfo, Public)> {
         if !(PERSISTENT_FIRST..=PERSISTENT_LAST).contains(&handle) {
             return Err(Error::BadRequest(format!(

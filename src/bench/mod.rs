@@ -5,6 +5,7 @@
 
 pub mod in_process;
 pub mod machine;
+pub mod pipelined;
 pub mod raw_pkcs11;
 pub mod raw_tpm;
 pub mod report;
@@ -291,7 +292,7 @@ where
         let t1 = Instant::now();
         lat.push(t1.duration_since(t0).as_nanos() as u64);
         done += 1;
-        if done % PROGRESS_BATCH == 0 {
+        if done.is_multiple_of(PROGRESS_BATCH) {
             progress.fetch_add(PROGRESS_BATCH, Ordering::Relaxed);
             if stop.load(Ordering::Relaxed) {
                 return Err(ClientFailure::Aborted);

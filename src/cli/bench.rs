@@ -79,6 +79,16 @@ pub struct BenchArgs {
     /// The explanatory paragraph under --append-section's title.
     #[arg(long, value_name = "TEXT", hide = true, requires = "append_section")]
     section_note: Option<String>,
+    /// Compare audit off, fail-open and fail-closed: three agents on copies of this home, the
+    /// largest --clients count each keeping --in-flight requests in flight on the one --key.
+    #[arg(long, requires = "passphrase")]
+    audit_modes: bool,
+    /// Requests each client keeps in flight (--audit-modes).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    in_flight: usize,
+    /// Identity passphrase source for the agents --audit-modes starts.
+    #[arg(long, value_name = "SOURCE")]
+    passphrase: Option<String>,
 }
 
 fn parse_in_process(s: &str) -> std::result::Result<(KeyName, PathBuf), String> {
@@ -246,6 +256,9 @@ pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
     }
     let limit = args.limit()?;
     let clients = args.client_counts()?;
+    if args.audit_modes {
+        return audit_modes(args, home, json, &clients);
+    }
     // Read the machine (load average) before the benchmark itself loads it.
     let machine = Machine::detect();
     let configured = Config::load(&home.config_path())
@@ -319,6 +332,45 @@ pub fn run(args: &BenchArgs, home: &Home, json: bool) -> Result<()> {
     };
     out.write_all(text.as_bytes())
         .map_err(|e| Error::io("writing to standard output", e))
+}
+
+fn audit_modes(args: &BenchArgs, home: &Home, json: bool, clients: &[usize]) -> Result<()> {
+    let [key] = args.keys.as_slice() else {
+        return Err(Error::BadRequest(
+            "--audit-modes needs exactly one --key".into(),
+        ));
+    };
+    if args.requests.is_some() || args.in_flight == 0 {
+        return Err(Error::BadRequest(
+            "--audit-modes runs for --duration with --in-flight ≥ 1".into(),
+        ));
+    }
+    let passphrase = args.passphrase.as_deref().unwrap_or("prompt");
+    passphrase.parse::<SecretSource>()?;
+    let report = match (&args.report, &args.append_section) {
+        (Some(p), Some(t)) => Some((
+            p.as_path(),
+            t.as_str(),
+            args.section_note.as_deref().unwrap_or(""),
+        )),
+        (Some(_), None) => {
+            return Err(Error::BadRequest(
+                "--audit-modes writes a section: give --append-section with --report".into(),
+            ))
+        }
+        _ => None,
+    };
+    super::bench_audit::run(&super::bench_audit::AuditBench {
+        home,
+        key,
+        passphrase,
+        clients: clients.iter().copied().max().unwrap_or(4),
+        in_flight: args.in_flight,
+        duration: Duration::from_secs_f64(args.duration),
+        rounds: args.rounds,
+        report,
+        json,
+    })
 }
 
 fn case_label(plan: &Plan, c: &bench::Case) -> String {

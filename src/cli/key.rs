@@ -14,14 +14,14 @@ use keyward::config::Config;
 use keyward::home::Home;
 use keyward::keystore::{now_rfc3339, KeyMeta, KeyVersion, Keystore};
 use keyward::model::{Algorithm, BackendKind, Env, KeyName, KeyType};
-use keyward::secret::{read_secret, SecretSource};
+use keyward::secret::SecretSource;
 use keyward::{pubkey, Error, Result};
 use serde_json::json;
 
-use super::{notify_agent, Ctx};
+use super::{audit_change, notify_agent, Ctx};
 
 /// Largest key file read for import.
-const MAX_KEY_INPUT: usize = 64 * 1024;
+pub(super) const MAX_KEY_INPUT: usize = 64 * 1024;
 
 #[derive(clap::Subcommand)]
 pub enum KeyCmd {
@@ -39,10 +39,13 @@ pub enum KeyCmd {
         /// Key type; required for non-PEM input (HMAC secrets, 0x-hex secp256k1).
         #[arg(long = "type", value_name = "TYPE")]
         key_type: Option<KeyType>,
-        /// Key file; `-` (default) reads standard input.
-        #[arg(long, default_value = "-")]
-        file: PathBuf,
-        /// After a verified import, overwrite and delete the source file.
+        /// Key file; `-` (the default) reads standard input.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        from: super::migrate::SourceArgs,
+        /// After a verified import, overwrite and delete the source file (for --from-env-file:
+        /// remove only that variable from the file).
         #[arg(long)]
         shred: bool,
         /// Identity passphrase source, needed by --shred to verify the stored copy.
@@ -84,12 +87,65 @@ pub enum KeyCmd {
     List,
     /// Show one key's metadata.
     Show { name: KeyName },
-    /// Delete a key and all its versions.
+    /// Delete a key and all its versions, or with --version one version that is not current.
+    // `--version` here is the key version: the subcommand gives up clap's version flag.
+    #[command(disable_version_flag = true)]
     Delete {
         name: KeyName,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Delete only this version (and its key material); it must not be the current one.
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
+    },
+    /// Add a new version (same type), pending until `key activate`; prints its public key.
+    #[command(group = clap::ArgGroup::new("source").required(true).args(["generate", "import"]))]
+    Rotate {
+        name: KeyName,
+        /// Generate the new version on the key's backend.
+        #[arg(long)]
+        generate: bool,
+        /// Import the new version from this file (`-` reads standard input); HMAC secrets,
+        /// which the exchange issues, rotate only this way.
+        #[arg(long, value_name = "FILE")]
+        import: Option<PathBuf>,
+        /// The key's backend (soft, pkcs11, tpm); every version of a key uses the same kind.
+        #[arg(long, value_parser = ["soft", "pkcs11", "tpm"])]
+        backend: Option<String>,
+        /// Token or TPM alias for the new version (default: the current version's).
+        #[arg(long, value_name = "ALIAS")]
+        token: Option<String>,
+    },
+    /// Make a version current; the one it replaces keeps signing (when named) for --grace.
+    #[command(disable_version_flag = true)]
+    Activate {
+        name: KeyName,
+        /// The version to make current (not a disabled one).
+        #[arg(long, value_name = "N")]
+        version: u32,
+        /// The exchange's API key id for the new version (sets the key's api_key).
+        #[arg(long, value_name = "ID")]
+        api_key_id: Option<String>,
+        /// How long the replaced version stays usable: 30m, 2h, 7d, 1h30m, or 0.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = super::lifecycle::parse_grace)]
+        grace: std::time::Duration,
+    },
+    /// Stop a key (every version) or one version from signing.
+    #[command(disable_version_flag = true)]
+    Disable {
+        name: KeyName,
+        /// Only this version (not the current one: activate another first).
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
+    },
+    /// Let a disabled key or version sign again.
+    #[command(disable_version_flag = true)]
+    Enable {
+        name: KeyName,
+        /// Only this version.
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
     },
     /// Print a key's public key.
     ExportPublic {
@@ -154,6 +210,13 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                 s.finish_and_clear();
             }
             let meta = commit(&store, backend.get(), &spec, nk?, &common)?;
+            audit_change(
+                ctx,
+                "key_generate",
+                name.as_str(),
+                Some(1),
+                Some(format!("{key_type} on {}", meta.backend)),
+            );
             let note = notify_agent(ctx);
             ctx.emit(&meta_json(&meta), || {
                 format!(
@@ -167,18 +230,19 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
             name,
             key_type,
             file,
+            from,
             shred,
             passphrase,
             common,
         } => {
+            let source = super::migrate::Source::select(file, from)?;
+            let shredder = super::migrate::Shredder {
+                check: check_shreddable,
+                shred: shred_file,
+            };
             if shred {
-                if file == Path::new("-") {
-                    return Err(Error::BadRequest(
-                        "--shred needs --file (standard input cannot be shredded)".into(),
-                    ));
-                }
                 // Refuse before importing: a failed shred must not leave the key imported.
-                check_shreddable(&file)?;
+                source.check_shreddable(&shredder)?;
             }
             prepare_new(&store, &name)?;
             // Unlock first when verifying: a wrong passphrase must leave nothing behind. Device
@@ -190,13 +254,10 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
             } else {
                 None
             };
-            let input = if file == Path::new("-") {
-                read_secret(std::io::stdin().lock(), MAX_KEY_INPUT)?
-            } else {
-                let f = std::fs::File::open(&file)
-                    .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
-                read_secret(f, MAX_KEY_INPUT)?
-            };
+            let input = source.read(MAX_KEY_INPUT)?;
+            let copies = super::migrate::CopyScan::new(&source, &input);
+            // Kept to check, before an .env file is rewritten, that it still holds this value.
+            let imported = keyward::secret::SecretBytes::from_slice(input.expose());
             let m = decode_for_profiles(material::parse(input, key_type)?, &common.profiles)?;
             let spec = KeySpec {
                 name: name.clone(),
@@ -208,25 +269,38 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                 material::SecretKeyMaterial::from_storage(m.key_type(), m.to_storage()?)?;
             let nk = backend.get().import(&spec, m)?;
             let meta = commit(&store, backend.get(), &spec, nk, &common)?;
-            let mut shredded = false;
+            let mut shredded = None;
             if shred {
                 backend.verify_import(&meta, &reference)?;
-                shred_file(&file)?;
-                shredded = true;
+                shredded = Some(source.shred(&shredder, &imported)?);
             }
+            drop(imported);
+            audit_change(
+                ctx,
+                "key_import",
+                meta.name.as_str(),
+                Some(meta.current),
+                Some(format!(
+                    "{} on {}{}",
+                    meta.key_type,
+                    meta.backend,
+                    if shredded.is_some() {
+                        ", source shredded"
+                    } else {
+                        ""
+                    }
+                )),
+            );
             let note = notify_agent(ctx);
             let mut v = meta_json(&meta);
-            v["shredded"] = json!(shredded);
+            v["shredded"] = json!(shredded.is_some());
+            super::migrate::report_copies(&mut v, copies.run(), ctx.json);
             ctx.emit(&v, || {
                 format!(
                     "imported {name} ({}), fingerprint {}{}; {note}",
                     spec.key_type,
                     meta.versions[0].fingerprint,
-                    if shredded {
-                        format!("; {} shredded", file.display())
-                    } else {
-                        String::new()
-                    }
+                    shredded.map(|s| format!("; {s}")).unwrap_or_default()
                 )
             });
             Ok(())
@@ -279,6 +353,13 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
             };
             // Adopted objects belong to whoever made them: never delete them on failure.
             let meta = write_meta(&store, &spec, &NewKey { key_ref, public }, &common)?;
+            audit_change(
+                ctx,
+                "key_adopt",
+                meta.name.as_str(),
+                Some(meta.current),
+                Some(format!("{} on {}", meta.key_type, meta.backend)),
+            );
             let note = notify_agent(ctx);
             ctx.emit(&meta_json(&meta), || {
                 format!(
@@ -311,14 +392,26 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                         .map(|v| v.fingerprint.clone())
                         .unwrap_or_default();
                     s.push_str(&format!(
-                        "\n{:<24} {:<12} {:<8} {:<5} {:>3}  {}{}",
+                        "\n{:<24} {:<12} {:<8} {:<5} {:>3}  {}{}{}",
                         k.name,
                         k.key_type,
                         k.backend,
                         env_str(k.env),
                         k.current,
                         fp,
-                        if k.disabled { "  (disabled)" } else { "" }
+                        if k.disabled { "  (disabled)" } else { "" },
+                        // A rotation in progress shows every version's state.
+                        if k.versions.len() > 1 {
+                            format!(
+                                "  [{}]",
+                                super::lifecycle::versions_summary(
+                                    k,
+                                    time::OffsetDateTime::now_utc()
+                                )
+                            )
+                        } else {
+                            String::new()
+                        }
                     ));
                 }
                 s
@@ -328,10 +421,46 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
         KeyCmd::Show { name } => {
             let meta = store.get(&name)?;
             let v = meta_json(&meta);
-            ctx.emit(&v, || toml::to_string_pretty(&meta).unwrap_or_default());
+            ctx.emit(&v, || super::lifecycle::show_text(&meta));
             Ok(())
         }
-        KeyCmd::Delete { name, yes } => {
+        KeyCmd::Delete {
+            name,
+            yes,
+            version: Some(n),
+        } => super::lifecycle::delete_version(ctx, &home, &store, &name, n, yes),
+        KeyCmd::Rotate {
+            name,
+            generate: _,
+            import,
+            backend,
+            token,
+        } => super::lifecycle::rotate(
+            ctx,
+            &home,
+            &store,
+            &name,
+            import.as_deref(),
+            backend.as_deref(),
+            token.as_deref(),
+        ),
+        KeyCmd::Activate {
+            name,
+            version,
+            api_key_id,
+            grace,
+        } => super::lifecycle::activate(ctx, &store, &name, version, api_key_id, grace),
+        KeyCmd::Disable { name, version } => {
+            super::lifecycle::set_disabled(ctx, &store, &name, version, true)
+        }
+        KeyCmd::Enable { name, version } => {
+            super::lifecycle::set_disabled(ctx, &store, &name, version, false)
+        }
+        KeyCmd::Delete {
+            name,
+            yes,
+            version: None,
+        } => {
             let meta = store.get(&name)?;
             if !yes
                 && !confirm(&format!(
@@ -343,13 +472,24 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
                     "not deleted (pass --yes to skip the question)".into(),
                 ));
             }
-            let backend = Target::for_key(&home, &meta)?;
+            // Each version's backend (rotations may have used other tokens), opened once per
+            // token and before anything is removed, so an unreachable token changes nothing.
+            let mut backends: Vec<(&str, Target)> = Vec::new();
+            for v in &meta.versions {
+                let alias = locator_alias(v);
+                if !backends.iter().any(|(a, _)| *a == alias) {
+                    backends.push((alias, Target::for_version(&home, &meta, v)?));
+                }
+            }
             // Metadata first: once it is gone the key no longer exists, even if a crash
             // interrupts the removal of its material (swept as orphans later).
             store.remove(&name)?;
             for v in &meta.versions {
-                backend.get().delete(&meta.key_ref(v))?;
+                if let Some((_, backend)) = backends.iter().find(|(a, _)| *a == locator_alias(v)) {
+                    backend.get().delete(&meta.key_ref(v))?;
+                }
             }
+            audit_change(ctx, "key_delete", name.as_str(), None, None);
             let note = notify_agent(ctx);
             ctx.emit(&json!({"deleted": name.to_string()}), || {
                 format!("deleted {name}; {note}")
@@ -378,8 +518,13 @@ pub fn run(ctx: &Ctx, cmd: KeyCmd) -> Result<()> {
     }
 }
 
+/// The token or TPM alias a device locator starts with (`alias:…`); empty for soft keys.
+pub(super) fn locator_alias(v: &KeyVersion) -> &str {
+    v.locator.split_once(':').map_or("", |(a, _)| a)
+}
+
 /// The backend a key command works on: the soft store, one configured token or one TPM.
-enum Target {
+pub(super) enum Target {
     Soft(SoftBackend),
     Token(Box<Pkcs11Backend>),
     Tpm(Box<TpmBackend>),
@@ -408,31 +553,29 @@ impl Target {
         }
     }
 
-    /// The backend holding an existing key.
-    fn for_key(home: &Home, meta: &KeyMeta) -> Result<Target> {
-        match meta.backend {
+    /// The backend holding one version of a key: versions rotated with `--token` may sit on
+    /// another token or TPM than the current one.
+    pub(super) fn for_version(home: &Home, meta: &KeyMeta, v: &KeyVersion) -> Result<Target> {
+        Target::at(home, meta.backend, locator_alias(v))
+    }
+
+    /// The soft store, or the token / TPM configured as `alias`.
+    pub(super) fn at(home: &Home, kind: BackendKind, alias: &str) -> Result<Target> {
+        match kind {
             BackendKind::Soft => Ok(Target::Soft(SoftBackend::new(
                 &home.keys_dir(),
                 keyward::identity::recipient(home)?,
                 None,
             ))),
-            BackendKind::Pkcs11 => {
-                let v = meta.current_version()?;
-                let alias = v.locator.split_once(':').map_or("", |(a, _)| a);
-                Ok(Target::Token(Box::new(open_token(home, alias)?)))
-            }
-            BackendKind::Tpm => {
-                let v = meta.current_version()?;
-                let alias = v.locator.split_once(':').map_or("", |(a, _)| a);
-                Ok(Target::Tpm(Box::new(open_tpm(home, alias)?)))
-            }
+            BackendKind::Pkcs11 => Ok(Target::Token(Box::new(open_token(home, alias)?))),
+            BackendKind::Tpm => Ok(Target::Tpm(Box::new(open_tpm(home, alias)?))),
             other => Err(Error::Unsupported(format!(
                 "backend {other} is not available"
             ))),
         }
     }
 
-    fn get(&self) -> &dyn Backend {
+    pub(super) fn get(&self) -> &dyn Backend {
         match self {
             Target::Soft(b) => b,
             Target::Token(b) => b.as_ref(),
@@ -565,7 +708,7 @@ fn prepare_new(store: &Keystore, name: &KeyName) -> Result<()> {
 
 /// An HMAC secret bound to Kraken or Polymarket is stored as the key bytes their scheme uses
 /// (the secret string is base64 / base64url of them); other material is kept as parsed.
-fn decode_for_profiles(
+pub(super) fn decode_for_profiles(
     m: material::SecretKeyMaterial,
     profiles: &[String],
 ) -> Result<material::SecretKeyMaterial> {
@@ -662,11 +805,11 @@ fn meta_json(m: &KeyMeta) -> serde_json::Value {
         "api_key": m.api_key,
         "profiles": m.profiles,
         "address": m.address,
-        "versions": m.versions.iter().map(|v| json!({"version": v.version, "created": v.created, "fingerprint": v.fingerprint})).collect::<Vec<_>>(),
+        "versions": super::lifecycle::versions_json(m, time::OffsetDateTime::now_utc()),
     })
 }
 
-fn progress(msg: &str, slow: bool) -> Option<indicatif::ProgressBar> {
+pub(super) fn progress(msg: &str, slow: bool) -> Option<indicatif::ProgressBar> {
     if !slow || !super::is_tty() {
         return None;
     }
@@ -676,7 +819,7 @@ fn progress(msg: &str, slow: bool) -> Option<indicatif::ProgressBar> {
     Some(pb)
 }
 
-fn confirm(question: &str) -> Result<bool> {
+pub(super) fn confirm(question: &str) -> Result<bool> {
     if !std::io::stdin().is_terminal() {
         return Err(Error::BadRequest(
             "refusing to delete without a terminal; pass --yes".into(),

@@ -3,11 +3,16 @@
 
 mod admin;
 mod agent;
+mod audit;
 mod bench;
+mod bench_audit;
 mod client;
+mod doctor;
 mod identity;
 mod init;
 mod key;
+mod lifecycle;
+mod migrate;
 mod policy;
 mod profile;
 mod sign;
@@ -55,6 +60,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Show the running agent's state.
     Status,
+    /// Check the home, config, keys, devices, host and agent; explain each problem's fix.
+    Doctor(doctor::DoctorArgs),
     /// Create, import, list, show, delete keys and export public keys.
     #[command(subcommand)]
     Key(key::KeyCmd),
@@ -78,6 +85,9 @@ enum Command {
     /// Add a client rule (uid/gid, exe, token) to keyward.toml.
     #[command(subcommand)]
     Client(client::ClientCmd),
+    /// Verify, query or follow the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Measure signing throughput and latency through the agent.
     Bench(bench::BenchArgs),
     /// Start or stop a throw-away SoftHSM-backed agent for test suites.
@@ -135,6 +145,19 @@ impl Ctx {
     }
 }
 
+/// Record an admin change the CLI made (key generate, import, rotate, …) in the audit log.
+/// The change is already on disk, so a log that cannot be written is reported, not fatal.
+pub fn audit_change(ctx: &Ctx, op: &str, key: &str, version: Option<u32>, detail: Option<String>) {
+    let result = Home::resolve(ctx.home.as_deref())
+        .and_then(|home| keyward::audit::admin(&home, op, Some(key), version, detail));
+    if let Err(e) = result {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: {op} of `{key}` is done but could not be recorded in the audit log: {e}"
+        );
+    }
+}
+
 /// Ask the running agent (if any) to reload after the key set changed. Never fails the
 /// command: the change is on disk either way.
 pub fn notify_agent(ctx: &Ctx) -> &'static str {
@@ -187,7 +210,19 @@ pub fn main() -> ExitCode {
         Command::Identity(c) => identity::run(&ctx, c),
         Command::Agent(a) => agent::run(&ctx, a),
         Command::Status => admin::status(&ctx),
+        // A failed check is a finding, already printed: exit 1 without an error line.
+        Command::Doctor(a) => match doctor::run(&ctx, a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Key(k) => key::run(&ctx, k),
+        // A broken chain is a finding, already printed: exit 1 without an error line.
+        Command::Audit(a) => match audit::run(&ctx, a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Sign(a) => sign::run(&ctx, a),
         Command::Profile(p) => profile::run(&ctx, p),
         Command::Token(t) => token::run(&ctx, t),

@@ -297,7 +297,7 @@ fn atomic(ty: &str) -> Option<Atomic> {
             return None;
         }
         let v: u16 = n.parse().ok()?;
-        (v % 8 == 0 && (8..=256).contains(&v)).then_some(v)
+        (v.is_multiple_of(8) && (8..=256).contains(&v)).then_some(v)
     };
     if let Some(n) = ty.strip_prefix("uint") {
         return bits(n).map(Atomic::Uint);
