@@ -291,6 +291,11 @@ impl State {
         let Some(s) = self.table().keys.get(key).cloned() else {
             return false;
         };
+        // A fail-closed key's answer waits for an fsync: let pipelined requests wait together
+        // (one group commit) instead of one after another on their connection.
+        if self.audit.enabled() && self.config().audit.fail_closed_for(s.meta.env) {
+            return true;
+        }
         // A request that will fail is answered inline; `sign` reports why.
         scheme_for(&s, scheme).is_ok_and(|alg| !s.backend.is_fast(alg))
     }

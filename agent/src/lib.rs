@@ -121,12 +121,11 @@ pub fn run(home: Option<PathBuf>, opts: Options) -> Result<()> {
         let listener = server::bind(&socket)?;
         state.lifecycle_record("agent_start");
         if let Some(addr) = state.config().metrics.listen.clone() {
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
+            let listener = std::net::TcpListener::bind(&addr)
                 .map_err(|e| Error::Config(format!("metrics.listen {addr}: {e}")))?;
             let scraped = state.clone();
-            let render = Arc::new(move || scraped.metrics_text());
-            tokio::spawn(metrics::serve(listener, render));
+            metrics::serve(listener, move || scraped.metrics_text())
+                .map_err(|e| Error::io("starting the metrics listener", e))?;
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
         }
         let watched = state.clone();

@@ -2,7 +2,6 @@
 //! backend health, queue depth and the audit writer; served on an optional loopback listener.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -12,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -256,31 +255,34 @@ const MAX_HEAD: usize = 8 * 1024;
 /// A scraper that does not finish its request in this time is dropped.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serve `GET /metrics` on `listener` until the task is dropped. `render` produces the body.
-pub async fn serve<F>(listener: TcpListener, render: Arc<F>)
+/// Serve `GET /metrics` on `listener`, on a thread of its own: a scrape is answered even while
+/// every runtime thread is busy with signing load. One scrape at a time is plenty.
+pub fn serve<F>(listener: TcpListener, render: F) -> std::io::Result<()>
 where
-    F: Fn() -> String + Send + Sync + 'static,
+    F: Fn() -> String + Send + 'static,
 {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(HEAD_TIMEOUT, answer(stream, &*render)).await;
-        });
-    }
+    std::thread::Builder::new()
+        .name("keyward-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        let _ = answer(s, &render);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })
+        .map(|_| ())
 }
 
-async fn answer(
-    mut s: TcpStream,
-    render: &(dyn Fn() -> String + Send + Sync),
-) -> std::io::Result<()> {
+fn answer(mut s: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
+    s.set_read_timeout(Some(HEAD_TIMEOUT))?;
+    s.set_write_timeout(Some(HEAD_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await?;
+        let n = s.read(&mut buf)?;
         if n == 0 || head.len() + n > MAX_HEAD {
             return Ok(());
         }
@@ -310,8 +312,8 @@ async fn answer(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(resp.as_bytes()).await?;
-    s.shutdown().await
+    s.write_all(resp.as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)
 }
 
 #[cfg(test)]

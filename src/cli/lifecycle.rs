@@ -109,6 +109,11 @@ pub(super) fn rotate(
 
     let lock = store.lock()?;
     let mut meta = store.get(name)?;
+    if meta.key_type != key_type || meta.backend != before.backend {
+        return Err(Error::BadRequest(format!(
+            "{name} was replaced by another key while this command ran; nothing rotated"
+        )));
+    }
     let version = meta.next_version()?;
     let alias = match (meta.backend, token) {
         (BackendKind::Soft, Some(_)) => {
@@ -122,7 +127,8 @@ pub(super) fn rotate(
         (_, None) => locator_alias(meta.current_version()?).to_string(),
     };
     let target = Target::at(home, meta.backend, &alias)?;
-    // Material of this number that no metadata lists was left by an interrupted rotate.
+    // Key files no metadata lists were left by an interrupted create or rotate; one of them
+    // could hold this version's file name.
     for orphan in store.orphan_files(name) {
         keyward::home::remove_durably(&orphan)?;
     }
@@ -145,6 +151,18 @@ pub(super) fn rotate(
             nk?
         }
     };
+    // Everything the report needs is computed before the commit point, so a command that
+    // reports failure has created nothing.
+    let printed = nk
+        .public
+        .spki_der
+        .as_ref()
+        .map(|spki| Ok::<_, Error>((pem_of(key_type, spki, name)?, upload_form(&meta, spki)?)))
+        .transpose()
+        .inspect_err(|_| {
+            let _ = target.get().delete(&nk.key_ref);
+        })?;
+    let (pem, upload) = printed.unzip();
     meta.versions.push(KeyVersion {
         version,
         locator: nk.key_ref.locator.clone(),
@@ -161,14 +179,6 @@ pub(super) fn rotate(
     drop(lock);
     let note = notify_agent(ctx);
 
-    let upload = match &nk.public.spki_der {
-        Some(spki) => Some(upload_form(&meta, spki)?),
-        None => None,
-    };
-    let pem = match &nk.public.spki_der {
-        Some(spki) => Some(pem_of(key_type, spki, name)?),
-        None => None,
-    };
     let next = format!("keyward key activate {name} --version {version}");
     let v = json!({
         "key": name.to_string(),
@@ -248,6 +258,7 @@ pub(super) fn activate(
     // A version made current again (a rollback) is no longer winding down.
     meta.find_version_mut(version)?.grace_until = None;
     meta.current = version;
+    let new_id = api_key_id.is_some();
     if let Some(id) = api_key_id {
         meta.api_key = Some(id);
     }
@@ -276,11 +287,14 @@ pub(super) fn activate(
                 "; version {previous} still signs when a request names it, until {t}"
             ));
         }
-        if meta.key_type.is_hmac() && meta.api_key.is_some() {
+        if new_id {
             s.push_str(&format!(
                 "; API key id {}",
                 meta.api_key.as_deref().unwrap_or_default()
             ));
+        } else if meta.key_type.is_hmac() && previous != version {
+            // An exchange issues a new secret with a new id; keeping the old id is rarely right.
+            s.push_str("; the API key id is unchanged (--api-key-id sets it)");
         }
         if meta.disabled {
             s.push_str(&format!(
