@@ -17,6 +17,7 @@ fn sign_request_body() -> Vec<u8> {
         key,
         data,
         scheme: Some("hmac-sha256".into()),
+        version: None,
     })
     .expect("fixed benchmark input");
     if let serde_json::Value::Object(m) = &mut v {
@@ -89,6 +90,7 @@ fn client(c: &mut Criterion) {
                 key: key.clone(),
                 data,
                 scheme: Some("ed25519".into()),
+                version: None,
             })
             .expect("serialisable");
             if let serde_json::Value::Object(m) = &mut v {

@@ -295,7 +295,7 @@ impl Keystore {
             .mode(0o600)
             .open(&p)
             .ctx(format!("opening {}", p.display()))?;
-        flock_exclusive(&f).ctx(format!("locking {}", p.display()))?;
+        f.lock().ctx(format!("locking {}", p.display()))?;
         Ok(MetaLock { _file: f })
     }
 
@@ -336,22 +336,6 @@ impl Keystore {
 #[derive(Debug)]
 pub struct MetaLock {
     _file: fs::File,
-}
-
-// The MSRV (1.85) predates `File::lock`; flock(2) on a descriptor this function borrows.
-#[allow(unsafe_code)]
-fn flock_exclusive(f: &fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: flock only reads the descriptor, which `f` keeps open for the call.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 fn read_meta(p: &std::path::Path) -> Result<KeyMeta> {

@@ -287,8 +287,12 @@ fn a_healthy_soft_home_passes_and_reports_every_area() {
     }
     // No agent runs: said, not failed.
     assert_status(&v, "agent", None, "info");
-    let audit = assert_status(&v, "audit", None, "info");
-    assert_eq!(audit["message"], "audit: checked by `keyward audit verify`");
+    // The CLI's own admin records (key generate) make the log verifiable already.
+    let audit = assert_status(&v, "audit", None, "pass");
+    assert!(
+        audit["message"].as_str().unwrap().contains("verifies"),
+        "{audit}"
+    );
 
     // With the passphrase every soft key is decrypted and its public key compared.
     let (out, v) = doctor_json(&h, &["--passphrase", &h.pass_source()], &[]);
@@ -751,4 +755,39 @@ fn tpm_keys_in_use_by_a_running_agent_on_swtpm_are_not_reported_broken() {
         .client()
         .sign(&common::key_name("tk"), b"probe", None)
         .expect("the agent still signs after doctor");
+}
+
+#[test]
+fn a_tampered_audit_log_fails_the_audit_check() {
+    let h = TestHome::new();
+    h.generate("ed", "ed25519");
+    let agent = h.agent();
+    let mut c = agent.client();
+    let ed = keyward::model::KeyName::new("ed").unwrap();
+    for i in 0..3u8 {
+        c.sign(&ed, &[i], None).expect("sign");
+    }
+    drop(c);
+    agent.stop();
+    let (_, v) = doctor_json(&h, &[], &[]);
+    let ok = assert_status(&v, "audit", None, "pass");
+    assert!(ok["message"].as_str().unwrap().contains("verifies"), "{ok}");
+
+    let log = h.home.join("audit").join("audit-1.jsonl");
+    let text = fs::read_to_string(&log).unwrap();
+    let edited = text.replacen("\"decision\":\"allow\"", "\"decision\":\"deny\"", 1);
+    assert_ne!(text, edited, "the log has an allowed request to edit");
+    fs::write(&log, edited).unwrap();
+    let (out, v) = doctor_json(&h, &[], &[]);
+    let bad = assert_status(&v, "audit", None, "fail");
+    assert!(bad["message"].as_str().unwrap().contains("edited"), "{bad}");
+    assert!(
+        bad["fix"]
+            .as_str()
+            .unwrap()
+            .contains("keyward audit verify"),
+        "{bad}"
+    );
+    assert!(!out.success());
+    assert_eq!(failing(&v), [("audit".to_string(), String::new())], "{out}");
 }

@@ -508,18 +508,6 @@ fn signing_loop(
 /// A message and its signature, from the pinned client.
 type Pinned = (Vec<u8>, Vec<u8>);
 
-/// Whether the agent takes `version` in a `sign` request (the agent side of issue 7).
-fn named_sign_supported(agent: &Agent, key: &str) -> bool {
-    let mut s = agent.raw();
-    let body =
-        serde_json::json!({"id": 1, "op": "sign", "key": key, "data": b64(b"probe"), "version": 1});
-    let r = roundtrip(&mut s, body.to_string().as_bytes());
-    !(r["ok"] == false
-        && r["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("unknown field") && m.contains("version")))
-}
-
 /// Sign fresh messages naming `version` on a raw connection until `stop`; any failure or a
 /// result naming another version is an error.
 fn pinned_loop(
@@ -563,14 +551,9 @@ fn rotation_under_continuous_signing_loses_no_request() {
     let workers: Vec<_> = (0..4)
         .map(|_| signing_loop(&agent, "hot", activated.clone(), stop.clone()))
         .collect();
-    // With the agent's versioned sign, a fifth client pins version 1 throughout: current at
-    // first, then in grace, it must keep signing.
-    let pinned = if named_sign_supported(&agent, "hot") {
-        Some(pinned_loop(&agent, "hot", 1, stop.clone()))
-    } else {
-        eprintln!("note: the agent does not take `version` in sign yet; no pinned client");
-        None
-    };
+    // A fifth client pins version 1 throughout: current at first, then in grace, it must
+    // keep signing.
+    let pinned = Some(pinned_loop(&agent, "hot", 1, stop.clone()));
 
     thread::sleep(Duration::from_millis(300));
     let rot = h
@@ -643,6 +626,25 @@ fn rotation_under_continuous_signing_loses_no_request() {
         "{}",
         agent.log()
     );
+    // The audit log shows each step, in order, and every signature of both versions.
+    let recs: Vec<Value> =
+        serde_json::from_str(&h.ok(&["--json", "audit", "query", "--key", "hot"]).stdout)
+            .expect("audit query output");
+    let step = |op: &str| {
+        recs.iter()
+            .position(|r| r["event"] == "admin" && r["op"] == op)
+            .unwrap_or_else(|| panic!("no {op} record in the audit log"))
+    };
+    assert!(step("key_generate") < step("key_rotate"));
+    assert!(step("key_rotate") < step("key_activate"));
+    assert_eq!(recs[step("key_activate")]["version"], 2);
+    let signed = |v: u64| {
+        recs.iter()
+            .filter(|r| r["event"] == "sign" && r["decision"] == "allow" && r["version"] == v)
+            .count()
+    };
+    assert!(signed(1) > 0 && signed(2) > 0);
+    h.ok(&["audit", "verify"]);
 }
 
 /// Requests that name a version (the agent side of issue 7): during the grace period the old
@@ -664,10 +666,6 @@ fn named_versions_sign_only_while_current_or_in_grace() {
             serde_json::json!({"id": 1, "op": "sign", "key": "nv", "data": b64(msg), "version": v});
         roundtrip(s, body.to_string().as_bytes())
     };
-    if !named_sign_supported(&agent, "nv") {
-        eprintln!("SKIPPED: this agent does not take `version` in sign yet");
-        return;
-    }
     let probe = named(&mut s, 1, b"probe");
     assert_eq!(probe["ok"], true, "naming the current version: {probe}");
     assert_eq!(probe["result"]["version"], 1, "{probe}");

@@ -263,6 +263,7 @@ daily_max = 3
         key: key_name(key),
         profile: "binance".into(),
         request: req(),
+        version: None,
     };
 
     // A second client hammers another key at the same time: it must be unaffected.
@@ -276,6 +277,7 @@ daily_max = 3
             key: key_name("free"),
             profile: "binance".into(),
             request: json!({"method": "GET", "path": "/api/v3/account"}),
+            version: None,
         }
     }
 
@@ -552,6 +554,7 @@ fn nonces_increase_per_key_and_survive_a_restart() {
                 key: key_name("kr"),
                 profile: "kraken".into(),
                 request: req(),
+                version: None,
             })
             .expect("send")
         })

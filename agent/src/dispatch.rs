@@ -16,7 +16,7 @@ use keyward::backend::tpm::{TpmAuth, TpmBackend};
 use keyward::backend::{Backend, Health};
 use keyward::config::Config;
 use keyward::home::Home;
-use keyward::keystore::{KeyMeta, Keystore};
+use keyward::keystore::{KeyMeta, Keystore, VersionState};
 use keyward::model::{Algorithm, BackendKind, ClientIdentity, Env, KeyName, KeyRef, KeyType};
 use keyward::policy::engine::{Ask, Client, KeyFacts, Peer};
 use keyward::policy::gate::{Gate, Snapshot};
@@ -350,11 +350,16 @@ impl State {
             }
             Op::ListKeys {} => self.list_keys(),
             Op::PublicKey { key, format } => self.public_key(&key, format.as_deref()),
-            Op::Sign { key, data, scheme } => {
+            Op::Sign {
+                key,
+                data,
+                scheme,
+                version,
+            } => {
                 let started = Instant::now();
                 let mut trail = Trail::default();
                 let r = self
-                    .sign(who, &key, &data, scheme.as_deref(), &mut trail)
+                    .sign(who, &key, &data, scheme.as_deref(), version, &mut trail)
                     .await;
                 self.audited("sign", who, &key, trail, started, r).await
             }
@@ -362,6 +367,7 @@ impl State {
                 key,
                 profile,
                 request,
+                version,
             } => {
                 let started = Instant::now();
                 let mut trail = Trail {
@@ -372,7 +378,7 @@ impl State {
                     ..Trail::default()
                 };
                 let r = self
-                    .sign_request(who, &key, &profile, &request, &mut trail)
+                    .sign_request(who, &key, &profile, &request, version, &mut trail)
                     .await;
                 self.audited("sign_request", who, &key, trail, started, r)
                     .await
@@ -655,6 +661,46 @@ impl State {
         Ok(s)
     }
 
+    /// The version a request signs with: the current one, or the one it names if that version
+    /// may still sign (in its grace period after a rotation; docs/lifecycle.md).
+    fn choose(&self, s: &Served, version: Option<u32>) -> Result<Chosen> {
+        let current = || Chosen {
+            version: s.meta.current,
+            key_ref: s.current.clone(),
+            backend: s.backend.clone(),
+        };
+        let v = match version {
+            None => return Ok(current()),
+            Some(v) if v == s.meta.current => return Ok(current()),
+            Some(v) => v,
+        };
+        let name = &s.meta.name;
+        let kv = s
+            .meta
+            .versions
+            .iter()
+            .find(|x| x.version == v)
+            .ok_or_else(|| Error::BadRequest(format!("key `{name}` has no version {v}")))?;
+        let state = s.meta.version_state(kv, time::OffsetDateTime::now_utc());
+        if !state.signs_when_named() {
+            let why = match state {
+                VersionState::Pending => "is not active yet (`keyward key activate`)",
+                VersionState::Disabled => "is disabled",
+                _ => "is retired (its grace period after the rotation is over)",
+            };
+            return Err(Error::KeyDisabled(format!(
+                "version {v} of key `{name}` {why}"
+            )));
+        }
+        let key_ref = s.meta.key_ref(kv);
+        let backend = self.backend_for(&key_ref)?;
+        Ok(Chosen {
+            version: v,
+            key_ref,
+            backend,
+        })
+    }
+
     /// Identity, policy rules, then rate limits, failing fast (the `sign` op).
     fn admit(
         &self,
@@ -708,10 +754,12 @@ impl State {
         key: &KeyName,
         profile: &str,
         request: &Value,
+        version: Option<u32>,
         trail: &mut Trail,
     ) -> Result<Value> {
         let s = self.usable(key)?;
-        trail.version = Some(s.meta.current);
+        let chosen = self.choose(&s, version)?;
+        trail.version = Some(chosen.version);
         trail.env = Some(s.meta.env);
         let profile: ProfileName = profile.parse()?;
         // One policy snapshot and one identification for the whole request.
@@ -754,7 +802,7 @@ impl State {
             return Err(profile::unsupported_key(profile, s.meta.key_type));
         }
         let msg = std::mem::take(&mut plan.message);
-        let sig = self.run_sign(&s, plan.alg, msg).await?;
+        let sig = self.run_sign(&chosen, plan.alg, msg).await?;
         Ok(plan.finish(&sig)?.into_value())
     }
 
@@ -762,12 +810,12 @@ impl State {
     /// bounded by the backend's device timeout.
     async fn run_sign(
         &self,
-        s: &Served,
+        chosen: &Chosen,
         alg: Algorithm,
         msg: Vec<u8>,
     ) -> Result<keyward::backend::Signature> {
-        let backend = s.backend.clone();
-        let key_ref = s.current.clone();
+        let backend = chosen.backend.clone();
+        let key_ref = chosen.key_ref.clone();
         let sig = if backend.is_fast(alg) {
             backend.sign(&key_ref, alg, &msg)?
         } else if let Some(sig) = self.sign_here(&key_ref, alg, &msg) {
@@ -801,10 +849,12 @@ impl State {
         key: &KeyName,
         data: &str,
         scheme: Option<&str>,
+        version: Option<u32>,
         trail: &mut Trail,
     ) -> Result<Value> {
         let s = self.usable(key)?;
-        trail.version = Some(s.meta.current);
+        let chosen = self.choose(&s, version)?;
+        trail.version = Some(chosen.version);
         trail.env = Some(s.meta.env);
         self.admit(who, key, &s, &Ask::Raw, trail)?;
         let alg = scheme_for(&s, scheme)?;
@@ -812,7 +862,7 @@ impl State {
             .decode(data)
             .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
         trail.request_sha256 = Some(audit::sha256_hex(&msg));
-        let sig = self.run_sign(&s, alg, msg).await?;
+        let sig = self.run_sign(&chosen, alg, msg).await?;
         let (signature, digest) = match sig.recovery_id {
             Some(rid) => {
                 let mut b = sig.bytes;
@@ -823,7 +873,7 @@ impl State {
         };
         to_value(SignResult {
             key: key.to_string(),
-            version: s.meta.current,
+            version: chosen.version,
             scheme: alg.to_string(),
             signature: STANDARD.encode(signature),
             digest,
@@ -917,6 +967,13 @@ impl State {
             last_error: st.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
+}
+
+/// The key version a request signs with, and where it lives.
+struct Chosen {
+    version: u32,
+    key_ref: KeyRef,
+    backend: Arc<dyn Backend>,
 }
 
 /// What the audit record of one signing request says beyond its outcome; filled in as the

@@ -202,6 +202,8 @@ pub struct TpmBackend {
     /// Parsed key blobs by locator. A blob file is written once and never changed (a new
     /// version is a new file), so it is read and parsed once, not on every signature.
     blobs: Mutex<HashMap<String, KeyData>>,
+    /// Disconnected when the worker thread has dropped everything it owned.
+    exited: Receiver<()>,
 }
 
 struct Status {
@@ -235,6 +237,12 @@ impl Drop for TpmBackend {
         if self.tx.try_send(job).is_ok() {
             let _ = done_rx.recv_timeout(CLOSE_WAIT);
         }
+        // Let the worker finish and free its TSS state before the process may exit: the TSS
+        // libraries' exit-time teardown racing a live worker corrupts the heap (seen as
+        // SIGABRT at the end of CLI commands).
+        let (closed, _) = crossbeam_channel::bounded::<Job>(0);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let _ = self.exited.recv_timeout(CLOSE_WAIT);
     }
 }
 
@@ -281,9 +289,13 @@ impl TpmBackend {
             auth_rejected: None,
             status: status.clone(),
         };
+        let (exit_guard, exited) = crossbeam_channel::bounded::<()>(0);
         thread::Builder::new()
             .name(format!("keyward-tpm-{alias}"))
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                worker.run(rx);
+                drop(exit_guard);
+            })
             .map_err(|e| Error::Internal(format!("starting the TPM worker: {e}")))?;
         Ok(TpmBackend {
             alias: alias.to_string(),
@@ -293,6 +305,7 @@ impl TpmBackend {
             tx,
             status,
             blobs: Mutex::new(HashMap::new()),
+            exited,
         })
     }
 

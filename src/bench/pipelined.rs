@@ -70,6 +70,7 @@ fn one_client(
             key: key.clone(),
             data: STANDARD.encode(data),
             scheme: None,
+            version: None,
         })?;
         sent.insert(id, Instant::now());
         Ok(())

@@ -1238,16 +1238,89 @@ fn open_tpms(home: &Home, cfg: &Config, out: &mut Vec<Check>) -> Opened<TpmBacke
 
 // ---- audit ----------------------------------------------------------------------------------
 
-// AUDIT CHECK — the one place for the audit-chain check. The audit log (src/audit/) is being
-// written separately; its verifier belongs here once it exists: verify the hash chain of
-// <home>/audit/ and return one Check per finding (id "audit", fix naming `keyward audit verify`).
-/// Audit-log checks for `home`.
+/// The audit log: the newest file's chain verifies (from its first record's link, so the check
+/// stays fast however long the log), the files are private, and repaired torn tails are shown.
 pub fn check_audit(home: &Home) -> Vec<Check> {
-    let _ = home;
-    vec![Check::info(
-        "audit",
-        "audit: checked by `keyward audit verify`",
-    )]
+    use std::os::unix::fs::MetadataExt;
+    let dir = home.audit_dir();
+    let files = match keyward::audit::file::list(&dir) {
+        Ok(f) => f,
+        Err(e) => {
+            return vec![Check::fail(
+                "audit",
+                format!("cannot read the audit log in {}: {e}", dir.display()),
+                format!("check the permissions of {}", dir.display()),
+            )]
+        }
+    };
+    let Some((_, newest)) = files.last() else {
+        return vec![Check::info(
+            "audit",
+            "no audit records yet (the agent writes them)",
+        )];
+    };
+    let mut out = Vec::new();
+    match keyward::audit::verify::verify_dir(&dir, Some(newest)) {
+        Ok(r) => match &r.problem {
+            None => out.push(Check::pass(
+                "audit",
+                format!(
+                    "the hash chain of {} verifies ({} record(s), up to seq {})",
+                    newest.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+                    r.records,
+                    r.last_seq.unwrap_or(0)
+                ),
+            )),
+            Some(p) => out.push(Check::fail(
+                "audit",
+                format!(
+                    "the audit log is damaged: {} at seq {} ({} line {}): {}",
+                    p.kind,
+                    p.seq.map_or("?".into(), |s| s.to_string()),
+                    p.file,
+                    p.line,
+                    p.detail
+                ),
+                "keep a copy of the audit directory for investigation; `keyward audit verify` checks the whole log",
+            )),
+        },
+        Err(e) => out.push(Check::fail(
+            "audit",
+            format!("cannot verify the audit log: {e}"),
+            format!("check the permissions of {}", dir.display()),
+        )),
+    }
+    let me = keyward::sys::effective_uid();
+    for (_, p) in &files {
+        if let Ok(md) = std::fs::metadata(p) {
+            if md.mode() & 0o077 != 0 || md.uid() != me {
+                out.push(Check::warn(
+                    "audit.perm",
+                    format!(
+                        "{} is mode {:04o}, owner uid {}: others may read who signed what",
+                        p.display(),
+                        md.mode() & 0o7777,
+                        md.uid()
+                    ),
+                    format!("chmod 600 {}", p.display()),
+                ));
+            }
+        }
+    }
+    let torn = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("torn-"))
+                .count()
+        })
+        .unwrap_or(0);
+    if torn > 0 {
+        out.push(Check::info(
+            "audit.repairs",
+            format!("{torn} torn record tail(s) from crashes were cut off and kept aside (torn-*.bin); each repair is a `repair` record"),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

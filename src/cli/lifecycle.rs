@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use super::key::{confirm, decode_for_profiles, locator_alias, progress, Target, MAX_KEY_INPUT};
 use super::migrate::Source;
-use super::{notify_agent, Ctx};
+use super::{audit_change, notify_agent, Ctx};
 
 /// Longest grace period `activate` accepts: beyond this an old key is not "in transition".
 const MAX_GRACE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -177,6 +177,15 @@ pub(super) fn rotate(
         let _ = target.get().delete(&nk.key_ref);
     })?;
     drop(lock);
+    audit_change(
+        ctx,
+        "key_rotate",
+        name.as_str(),
+        Some(version),
+        Some(format!(
+            "version {version} created, pending until activated"
+        )),
+    );
     let note = notify_agent(ctx);
 
     let next = format!("keyward key activate {name} --version {version}");
@@ -264,6 +273,24 @@ pub(super) fn activate(
     }
     store.save(&meta)?;
     drop(lock);
+    audit_change(
+        ctx,
+        "key_activate",
+        name.as_str(),
+        Some(version),
+        Some(format!(
+            "version {version} current (was {previous}){}{}",
+            grace_until
+                .as_deref()
+                .map(|g| format!("; version {previous} in grace until {g}"))
+                .unwrap_or_default(),
+            if new_id {
+                "; new exchange API key id"
+            } else {
+                ""
+            }
+        )),
+    );
     let note = notify_agent(ctx);
 
     let v = json!({
@@ -332,6 +359,17 @@ pub(super) fn set_disabled(
     }
     drop(lock);
     let note = if was != disabled {
+        audit_change(
+            ctx,
+            if disabled {
+                "key_disable"
+            } else {
+                "key_enable"
+            },
+            name.as_str(),
+            version,
+            None,
+        );
         notify_agent(ctx)
     } else {
         "nothing changed"
@@ -395,6 +433,13 @@ pub(super) fn delete_version(
     store.save(&meta)?;
     drop(lock);
     target.get().delete(&key_ref)?;
+    audit_change(
+        ctx,
+        "key_delete_version",
+        name.as_str(),
+        Some(version),
+        None,
+    );
     let note = notify_agent(ctx);
     let v = json!({
         "key": name.to_string(),

@@ -147,12 +147,28 @@ impl Client {
         self.call_typed(&sign_op(key, data, scheme))
     }
 
+    /// Sign with a named version of the key (current, or in its grace period after a rotation).
+    pub fn sign_version(
+        &mut self,
+        key: &KeyName,
+        data: &[u8],
+        scheme: Option<&str>,
+        version: u32,
+    ) -> Result<SignResult> {
+        let mut op = sign_op(key, data, scheme);
+        if let Op::Sign { version: v, .. } = &mut op {
+            *v = Some(version);
+        }
+        self.call_typed(&op)
+    }
+
     /// Sign an exchange request with a profile; returns the profile's output object.
     pub fn sign_request(&mut self, key: &KeyName, profile: &str, request: Value) -> Result<Value> {
         self.call(&Op::SignRequest {
             key: key.clone(),
             profile: profile.to_string(),
             request,
+            version: None,
         })
     }
 
@@ -167,5 +183,6 @@ pub(crate) fn sign_op(key: &KeyName, data: &[u8], scheme: Option<&str>) -> Op {
         key: key.clone(),
         data: base64::engine::general_purpose::STANDARD.encode(data),
         scheme: scheme.map(str::to_owned),
+        version: None,
     }
 }

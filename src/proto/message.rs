@@ -35,6 +35,10 @@ pub enum Op {
         /// Signing scheme (`rsa-pss-sha256`, ...); default by key type.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scheme: Option<String>,
+        /// Sign with this version of the key: the current one, or one in its grace period
+        /// after a rotation (docs/lifecycle.md). Default: the current version.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
     },
     /// Sign an exchange request with a profile (PROFILES.md); the result is the profile's
     /// output object (`signature`, `headers`, …).
@@ -42,6 +46,9 @@ pub enum Op {
         key: KeyName,
         profile: String,
         request: Value,
+        /// Sign with this version of the key (current, or in grace); default: current.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
     },
     Status {},
     Lock {
