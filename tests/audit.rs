@@ -66,7 +66,14 @@ fn every_request_denial_and_admin_action_is_recorded_without_secrets() {
     h.ok(&["audit", "verify"]);
     let recs = records(&h);
     let events: Vec<&str> = recs.iter().map(|r| r.event.as_str()).collect();
-    assert_eq!(events.first(), Some(&"agent_start"), "{events:?}");
+    // The CLI's key generate and import come first, then the agent's start.
+    let ops: Vec<&str> = recs
+        .iter()
+        .filter_map(|r| r.op.as_deref())
+        .take(2)
+        .collect();
+    assert_eq!(ops, ["key_generate", "key_import"], "{events:?}");
+    assert_eq!(events.get(2), Some(&"agent_start"), "{events:?}");
     assert_eq!(events.last(), Some(&"agent_stop"), "{events:?}");
     let signs: Vec<&Record> = recs.iter().filter(|r| r.event == "sign").collect();
     assert_eq!(signs.len(), 4, "{signs:#?}");

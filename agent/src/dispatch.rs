@@ -291,11 +291,6 @@ impl State {
         let Some(s) = self.table().keys.get(key).cloned() else {
             return false;
         };
-        // A fail-closed key's answer waits for an fsync: let pipelined requests wait together
-        // (one group commit) instead of one after another on their connection.
-        if self.audit.enabled() && self.config().audit.fail_closed_for(s.meta.env) {
-            return true;
-        }
         // A request that will fail is answered inline; `sign` reports why.
         scheme_for(&s, scheme).is_ok_and(|alg| !s.backend.is_fast(alg))
     }
@@ -319,8 +314,61 @@ impl State {
         self.gate.snapshot().policy.may_connect(uid, gid)
     }
 
+    /// Answer one request, waiting for its audit record when its key is fail-closed.
     pub async fn handle(&self, who: &ClientIdentity, op: Op) -> Result<Value> {
+        match self.handle_reply(who, op).await {
+            Reply::Ready(r) => r,
+            Reply::AfterAudit(d) => {
+                let outcome = self.audit.wait(d.ticket).await;
+                self.settle(d, outcome)
+            }
+        }
+    }
+
+    /// Answer one request; a fail-closed signature comes back deferred ([`Reply`]), so a
+    /// connection can keep working while its records are committed together.
+    pub async fn handle_reply(&self, who: &ClientIdentity, op: Op) -> Reply {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let sign = match op {
+            Op::Sign {
+                key,
+                data,
+                scheme,
+                version,
+            } => {
+                let started = Instant::now();
+                let mut trail = Trail::default();
+                let r = self
+                    .sign(who, &key, &data, scheme.as_deref(), version, &mut trail)
+                    .await;
+                ("sign", key, trail, started, r)
+            }
+            Op::SignRequest {
+                key,
+                profile,
+                request,
+                version,
+            } => {
+                let started = Instant::now();
+                let mut trail = Trail {
+                    profile: Some(profile.clone()),
+                    request_sha256: serde_json::to_vec(&request)
+                        .ok()
+                        .map(|b| audit::sha256_hex(&b)),
+                    ..Trail::default()
+                };
+                let r = self
+                    .sign_request(who, &key, &profile, &request, version, &mut trail)
+                    .await;
+                ("sign_request", key, trail, started, r)
+            }
+            other => return Reply::Ready(self.handle_other(who, other).await),
+        };
+        let (op, key, trail, started, r) = sign;
+        self.audited(op, who, &key, trail, started, r)
+    }
+
+    async fn handle_other(&self, who: &ClientIdentity, op: Op) -> Result<Value> {
         match op {
             Op::Hello { version, token } => {
                 if let Some(v) = version {
@@ -350,39 +398,9 @@ impl State {
             }
             Op::ListKeys {} => self.list_keys(),
             Op::PublicKey { key, format } => self.public_key(&key, format.as_deref()),
-            Op::Sign {
-                key,
-                data,
-                scheme,
-                version,
-            } => {
-                let started = Instant::now();
-                let mut trail = Trail::default();
-                let r = self
-                    .sign(who, &key, &data, scheme.as_deref(), version, &mut trail)
-                    .await;
-                self.audited("sign", who, &key, trail, started, r).await
-            }
-            Op::SignRequest {
-                key,
-                profile,
-                request,
-                version,
-            } => {
-                let started = Instant::now();
-                let mut trail = Trail {
-                    profile: Some(profile.clone()),
-                    request_sha256: serde_json::to_vec(&request)
-                        .ok()
-                        .map(|b| audit::sha256_hex(&b)),
-                    ..Trail::default()
-                };
-                let r = self
-                    .sign_request(who, &key, &profile, &request, version, &mut trail)
-                    .await;
-                self.audited("sign_request", who, &key, trail, started, r)
-                    .await
-            }
+            Op::Sign { .. } | Op::SignRequest { .. } => Err(Error::Internal(
+                "signing ops are answered by handle_reply".into(),
+            )),
             Op::Status {} => self.status(),
             Op::Lock { key, all, reason } => {
                 self.require_admin(who)?;
@@ -504,20 +522,23 @@ impl State {
 
     /// Write the record of one signing request. An allowed request on a fail-closed key is
     /// answered only once its record is durable; if it cannot be, the signature is withheld.
-    async fn audited(
+    /// Count and audit one signing request. An allowed request on a fail-closed key comes
+    /// back as [`Reply::AfterAudit`]: its answer may be released only once its record is
+    /// durable ([`State::settle`]).
+    fn audited(
         &self,
-        op: &str,
+        op: &'static str,
         who: &ClientIdentity,
         key: &KeyName,
         trail: Trail,
         started: Instant,
         result: Result<Value>,
-    ) -> Result<Value> {
+    ) -> Reply {
         // Label values from the agent's own tables only (series count stays bounded).
         let key_label = if self.table().keys.contains_key(key) {
-            key.as_str()
+            key.to_string()
         } else {
-            "_unknown"
+            "_unknown".to_string()
         };
         let profile_label = match trail.profile.as_deref() {
             None => "none".to_string(),
@@ -525,16 +546,44 @@ impl State {
                 .parse::<ProfileName>()
                 .map_or("_invalid".to_string(), |_| p.to_string()),
         };
-        let result = self
-            .audit_request(op, who, key, trail, started, result)
-            .await;
-        let code = result.as_ref().err().map_or("ok", Error::code);
-        self.metrics
-            .request(op, key_label, &profile_label, code, started.elapsed());
+        let labels = Labels {
+            op,
+            key: key_label,
+            profile: profile_label,
+            started,
+        };
+        match self.audit_request(op, who, key, trail, started, result) {
+            Ok(Pending::Now(result)) => {
+                self.count(&labels, &result);
+                Reply::Ready(result)
+            }
+            Ok(Pending::Ticket(ticket, value)) => Reply::AfterAudit(Deferred {
+                ticket,
+                value,
+                labels,
+            }),
+            Err(e) => {
+                let result = Err(e);
+                self.count(&labels, &result);
+                Reply::Ready(result)
+            }
+        }
+    }
+
+    /// The answer of a deferred request once its record's fate is known.
+    pub fn settle(&self, d: Deferred, outcome: Result<()>) -> Result<Value> {
+        let result = outcome.map(|()| d.value);
+        self.count(&d.labels, &result);
         result
     }
 
-    async fn audit_request(
+    fn count(&self, l: &Labels, result: &Result<Value>) {
+        let code = result.as_ref().err().map_or("ok", Error::code);
+        self.metrics
+            .request(l.op, &l.key, &l.profile, code, l.started.elapsed());
+    }
+
+    fn audit_request(
         &self,
         op: &str,
         who: &ClientIdentity,
@@ -542,9 +591,9 @@ impl State {
         trail: Trail,
         started: Instant,
         result: Result<Value>,
-    ) -> Result<Value> {
+    ) -> Result<Pending> {
         if !self.audit.enabled() {
-            return result;
+            return Ok(Pending::Now(result));
         }
         let mut r = Record::new(op);
         r.ts = keyward::keystore::now_rfc3339();
@@ -578,12 +627,15 @@ impl State {
             && trail
                 .env
                 .is_some_and(|env| self.config().audit.fail_closed_for(env));
-        if fail_closed {
-            self.audit.durable(r).await?;
-        } else {
+        if !fail_closed {
             self.audit.record(r);
+            return Ok(Pending::Now(result));
         }
-        result
+        let ticket = self
+            .audit
+            .enqueue(r)
+            .ok_or_else(|| Error::AuditUnavailable("the audit writer has stopped".into()))?;
+        Ok(Pending::Ticket(ticket, result?))
     }
 
     fn with_locks<T>(&self, f: impl FnOnce(&mut Locks) -> Result<T>) -> Result<T> {
@@ -967,6 +1019,32 @@ impl State {
             last_error: st.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
+}
+
+/// A request's answer, or (fail-closed keys) one to release once its record is durable.
+pub enum Reply {
+    Ready(Result<Value>),
+    AfterAudit(Deferred),
+}
+
+/// A signature held back until its audit record is durable (`ticket`).
+pub struct Deferred {
+    pub ticket: u64,
+    value: Value,
+    labels: Labels,
+}
+
+/// What the request metrics need once the outcome is known.
+struct Labels {
+    op: &'static str,
+    key: String,
+    profile: String,
+    started: Instant,
+}
+
+enum Pending {
+    Now(Result<Value>),
+    Ticket(u64, Value),
 }
 
 /// The key version a request signs with, and where it lives.

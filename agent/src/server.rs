@@ -1,6 +1,7 @@
 //! The local-socket front end: socket placement and permissions, SO_PEERCRED on every
 //! connection, pipelined request handling with bounded in-flight work, graceful drain.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -19,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use super::dispatch::State;
+use super::dispatch::{Deferred, Reply, State};
 use super::pool;
 
 /// How long an unauthorised peer may take to send its first frame before we hang up.
@@ -184,6 +185,9 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
     let mut closing = false;
     // A duplicate of the socket for the device watchdog (pool.rs), made at the first need.
     let mut dup = None;
+    // Fail-closed signatures waiting for their audit records, oldest first (tickets rise).
+    let mut held: VecDeque<Held> = VecDeque::new();
+    let mut durable = state.audit.watch();
 
     'conn: loop {
         // Answer every complete frame already buffered. Fast requests are handled right here:
@@ -236,8 +240,19 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
                             });
                         }
                         Ok(req) => {
-                            let resp = answer(&state, &who, req).await;
-                            push(&mut outbuf, &resp);
+                            let id = req.id;
+                            let op_name = req.op.name();
+                            match state.handle_reply(&who, req.op).await {
+                                Reply::Ready(r) => {
+                                    push(&mut outbuf, &response(&who, id, op_name, r))
+                                }
+                                Reply::AfterAudit(d) => held.push_back(Held {
+                                    id,
+                                    op: op_name,
+                                    deadline: tokio::time::Instant::now() + state.audit.timeout(),
+                                    deferred: d,
+                                }),
+                            }
                         }
                     }
                 }
@@ -253,6 +268,7 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
             }
         }
         inbuf.drain(..consumed);
+        release(&state, &who, &mut held, &mut outbuf, false);
         while let Ok(more) = rx.try_recv() {
             outbuf.extend_from_slice(&more);
         }
@@ -265,7 +281,15 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
         if closing {
             break;
         }
+        let next_deadline = held.front().map(|h| h.deadline);
         tokio::select! {
+            // Records became durable (or failed): answers held for them can go.
+            r = durable.changed(), if !held.is_empty() => if r.is_err() {
+                release(&state, &who, &mut held, &mut outbuf, true);
+            },
+            () = tokio::time::sleep_until(next_deadline.unwrap_or_else(tokio::time::Instant::now)), if next_deadline.is_some() => {
+                release(&state, &who, &mut held, &mut outbuf, false);
+            },
             // Reading is cancel-safe: bytes land in `inbuf` only when a read completes.
             r = rd.read(&mut chunk) => match r {
                 Ok(0) | Err(_) => break,
@@ -274,6 +298,20 @@ async fn connection(stream: UnixStream, state: Arc<State>, mut stop: watch::Rece
             Some(answer) = rx.recv() => outbuf.extend_from_slice(&answer),
             _ = stop.changed() => break,
         }
+    }
+    // Answers held for their audit records are delivered (or refused) before closing.
+    while !held.is_empty() {
+        let deadline = held.front().map(|h| h.deadline);
+        tokio::select! {
+            r = durable.changed() => if r.is_err() {
+                release(&state, &who, &mut held, &mut outbuf, true);
+            },
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)) => {},
+        }
+        release(&state, &who, &mut held, &mut outbuf, false);
+    }
+    if !outbuf.is_empty() {
+        let _ = wr.write_all(&outbuf).await;
     }
     // Let requests still at a worker finish and deliver their answers before closing.
     drop(tx);
@@ -301,19 +339,65 @@ fn watchdog_socket(
     dup.clone()
 }
 
+/// A fail-closed signature waiting for its audit record.
+struct Held {
+    id: Option<u64>,
+    op: &'static str,
+    deadline: tokio::time::Instant,
+    deferred: Deferred,
+}
+
+/// Move every held answer whose record's fate is known (or whose wait is over) to `out`.
+/// `stopped`: the audit writer is gone; nothing more will become durable.
+fn release(
+    state: &State,
+    who: &ClientIdentity,
+    held: &mut VecDeque<Held>,
+    out: &mut Vec<u8>,
+    stopped: bool,
+) {
+    let now = tokio::time::Instant::now();
+    // Tickets rise along the queue, so the first one still in progress ends the scan — except
+    // that expired waits further on are answered too.
+    let mut i = 0;
+    while i < held.len() {
+        let outcome = match state.audit.outcome(held[i].deferred.ticket) {
+            Some(o) => o,
+            None if stopped || held[i].deadline <= now => Err(state.audit.timed_out()),
+            None => {
+                i += 1;
+                continue;
+            }
+        };
+        if let Some(h) = held.remove(i) {
+            let r = state.settle(h.deferred, outcome);
+            push(out, &response(who, h.id, h.op, r));
+        }
+    }
+}
+
+fn response(
+    who: &ClientIdentity,
+    id: Option<u64>,
+    op_name: &str,
+    r: Result<serde_json::Value>,
+) -> Response {
+    match r {
+        Ok(v) => Response::ok(id, v),
+        Err(e) => {
+            tracing::info!(uid = who.uid, pid = ?who.pid, op = op_name, code = e.code(), "request failed: {e}");
+            Response::err(id, &e)
+        }
+    }
+}
+
 fn push(out: &mut Vec<u8>, resp: &Response) {
     frame::encode_into(out, &resp.to_bytes());
 }
 
 async fn answer(state: &State, who: &ClientIdentity, req: proto::Request) -> Response {
     let op_name = req.op.name();
-    match state.handle(who, req.op).await {
-        Ok(v) => Response::ok(req.id, v),
-        Err(e) => {
-            tracing::info!(uid = who.uid, pid = ?who.pid, op = op_name, code = e.code(), "request failed: {e}");
-            Response::err(req.id, &e)
-        }
-    }
+    response(who, req.id, op_name, state.handle(who, req.op).await)
 }
 
 /// Best-effort id of a frame we are going to refuse anyway.

@@ -84,6 +84,8 @@ pub struct LogFile {
     pending_start: Option<String>,
     /// Records to write before the next batch (repairs found on open).
     pending: Vec<Record>,
+    /// Records were written since the last fsync (fail-open batches wait for the next one).
+    unsynced: bool,
 }
 
 impl LogFile {
@@ -111,6 +113,7 @@ impl LogFile {
             max_bytes,
             pending_start: None,
             pending: Vec::new(),
+            unsynced: false,
         };
         log.read_tail()?;
         Ok(log)
@@ -230,10 +233,10 @@ impl LogFile {
         Ok(())
     }
 
-    /// Append `records` (sealed here, in order) with one write and one fsync. On failure the
-    /// file is cut back to where it was, so no half record stays, and the chain does not move.
-    /// Takes the lock itself.
-    pub fn append(&mut self, records: &mut [Record]) -> Result<()> {
+    /// Append `records` (sealed here, in order) with one write, and one fsync when `sync`.
+    /// On failure the file is cut back to where it was, so no half record stays, and the
+    /// chain does not move. Takes the lock itself.
+    pub fn append(&mut self, records: &mut [Record], sync: bool) -> Result<()> {
         let _lock = Lock::take(&self.dir)?;
         let path = self.current_file();
         let size = self.file.metadata().map_err(unavailable(&path))?.len();
@@ -259,10 +262,16 @@ impl LogFile {
             hash.clone_from(&r.hash);
         }
         let path = self.current_file();
-        let written = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| self.file.sync_data());
+        let written =
+            self.file.write_all(&buf).and_then(
+                |()| {
+                    if sync {
+                        self.file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
         if let Err(e) = written {
             // Whatever part reached the file goes: a record is in the log whole or not at all.
             let _ = self.file.set_len(self.len);
@@ -277,11 +286,28 @@ impl LogFile {
         self.hash = hash;
         self.pending_start = None;
         self.pending.clear();
+        self.unsynced = !sync;
+        Ok(())
+    }
+
+    /// Whether records were written without an fsync since the last one.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Make every written record durable.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.unsynced {
+            let path = self.current_file();
+            self.file.sync_data().map_err(unavailable(&path))?;
+            self.unsynced = false;
+        }
         Ok(())
     }
 
     /// Start the next file; its first record (written with the next batch) links back.
     fn rotate(&mut self) -> Result<()> {
+        self.sync()?;
         let next = self.index + 1;
         let path = self.dir.join(file_name(next));
         let file = OpenOptions::new()
@@ -335,7 +361,7 @@ pub fn append_once(dir: &Path, max_bytes: u64, records: &mut [Record]) -> Result
         let _lock = Lock::take_creating(dir)?;
         LogFile::open(dir, max_bytes)?
     };
-    log.append(records)
+    log.append(records, true)
 }
 
 impl Lock {

@@ -81,12 +81,19 @@ impl Record {
         self.seq = seq;
         self.prev = prev_hash.to_string();
         self.hash.clear();
-        let body = serde_json::to_vec(self)
-            .map_err(|e| Error::Internal(format!("encoding an audit record: {e}")))?;
-        self.hash = chain_hash(prev_hash, &body);
         let mut line = serde_json::to_vec(self)
             .map_err(|e| Error::Internal(format!("encoding an audit record: {e}")))?;
-        line.push(b'\n');
+        self.hash = chain_hash(prev_hash, &line);
+        // `hash` is the last field: the full line is the body with it appended (the same
+        // bytes serde would write for the record with its hash, without encoding it twice).
+        if line.pop() != Some(b'}') {
+            return Err(Error::Internal(
+                "an audit record is not a JSON object".into(),
+            ));
+        }
+        line.extend_from_slice(b",\"hash\":\"");
+        line.extend_from_slice(self.hash.as_bytes());
+        line.extend_from_slice(b"\"}\n");
         Ok(line)
     }
 
@@ -107,12 +114,23 @@ fn chain_hash(prev: &str, body: &[u8]) -> String {
     let mut h = digest::Context::new(&SHA256);
     h.update(prev.as_bytes());
     h.update(body);
-    hex::encode(h.finish())
+    lower_hex(h.finish().as_ref())
+}
+
+/// Lower-case hex without `hex::encode`'s per-char iterator: this runs for every record.
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// Hex SHA-256 of request bytes, the only trace of a request's content in the log.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(digest::digest(&SHA256, bytes))
+    lower_hex(digest::digest(&SHA256, bytes).as_ref())
 }
 
 #[cfg(test)]
@@ -125,6 +143,9 @@ mod tests {
         r.key = Some("k".into());
         let line = r.seal(1, GENESIS).unwrap();
         let back = Record::parse(&line[..line.len() - 1]).unwrap();
+        let mut again = serde_json::to_vec(&back).unwrap();
+        again.push(b'\n');
+        assert_eq!(again, line, "the appended hash is what serde writes");
         assert!(back.hash_ok());
         assert_eq!(back.seq, 1);
         let mut edited = back.clone();
@@ -133,6 +154,14 @@ mod tests {
         let mut moved = back;
         moved.prev = "1".repeat(64);
         assert!(!moved.hash_ok());
+    }
+
+    #[test]
+    fn lower_hex_is_hex() {
+        assert_eq!(
+            lower_hex(&[0x00, 0xab, 0x7f, 0xff]),
+            hex::encode([0x00, 0xab, 0x7f, 0xff])
+        );
     }
 
     #[test]

@@ -17,6 +17,14 @@ use crate::error::{Error, Result};
 
 /// Largest group written with one fsync.
 const MAX_BATCH: usize = 4096;
+/// A group of fail-open records waits this long for more before it is written.
+const LINGER_LAZY: Duration = Duration::from_millis(2);
+/// A group with a fail-closed record waits this long for more, under load only.
+const LINGER_DURABLE: Duration = Duration::from_micros(200);
+/// "Under load": the previous group had at least this many records.
+const LINGER_AFTER: usize = 8;
+/// Longest a fail-open record stays written but not yet fsynced.
+pub const LAZY_SYNC: Duration = Duration::from_millis(10);
 
 /// What the writer reports to the agent's metrics.
 pub trait Observer: Send + Sync {
@@ -38,13 +46,30 @@ pub struct Stats {
 }
 
 enum Msg {
-    Record(Box<Record>, Option<oneshot::Sender<Result<()>>>),
+    /// A record, its ticket (tickets are given in channel order) and whether someone waits
+    /// for it to be durable (fail-closed).
+    Record(Box<Record>, u64, bool),
     Flush(oneshot::Sender<()>),
 }
 
+/// Tickets already written or failed, shared by the writer and whoever waits for a record.
+#[derive(Default)]
+struct Outcomes {
+    /// Ticket ranges (inclusive) whose commit failed; the newest few are kept, which covers
+    /// every request still waiting (they wait at most `timeout_ms`).
+    failed: Mutex<std::collections::VecDeque<(u64, u64, String)>>,
+}
+
+/// Failed ranges kept for late lookups.
+const FAILED_KEPT: usize = 256;
+
 /// Handle to the writer thread; cheap to share. `disabled()` accepts and discards records.
 pub struct AuditLog {
-    tx: Option<mpsc::Sender<Msg>>,
+    /// The channel and the next ticket, under one lock so tickets follow channel order.
+    tx: Option<Mutex<(mpsc::Sender<Msg>, u64)>>,
+    /// Every ticket ≤ this value has been committed or has failed.
+    done: tokio::sync::watch::Receiver<u64>,
+    outcomes: Arc<Outcomes>,
     stats: Arc<Stats>,
     thread: Mutex<Option<JoinHandle<()>>>,
     timeout: Duration,
@@ -65,14 +90,18 @@ impl AuditLog {
             available: AtomicBool::new(true),
             ..Stats::default()
         });
+        let outcomes = Arc::new(Outcomes::default());
+        let (done_tx, done) = tokio::sync::watch::channel(0u64);
         let (tx, rx) = mpsc::channel();
-        let st = stats.clone();
+        let (st, oc) = (stats.clone(), outcomes.clone());
         let thread = std::thread::Builder::new()
             .name("keyward-audit".into())
-            .spawn(move || run(log, rx, &st, observer.as_deref()))
+            .spawn(move || run(log, rx, &st, &oc, &done_tx, observer.as_deref()))
             .map_err(|e| Error::Internal(format!("starting the audit writer: {e}")))?;
         Ok(AuditLog {
-            tx: Some(tx),
+            tx: Some(Mutex::new((tx, 1))),
+            done,
+            outcomes,
             stats,
             thread: Mutex::new(Some(thread)),
             timeout: Duration::from_millis(cfg.timeout_ms),
@@ -83,6 +112,8 @@ impl AuditLog {
     pub fn disabled() -> AuditLog {
         AuditLog {
             tx: None,
+            done: tokio::sync::watch::channel(0u64).1,
+            outcomes: Arc::new(Outcomes::default()),
             stats: Arc::new(Stats::default()),
             thread: Mutex::new(None),
             timeout: Duration::ZERO,
@@ -97,48 +128,104 @@ impl AuditLog {
         &self.stats
     }
 
-    /// Queue a record without waiting for it (fail-open).
+    /// How long a fail-closed request waits for its record.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Queue a record without waiting for it (fail-open): it is written with the next group
+    /// and made durable within [`LAZY_SYNC`].
     pub fn record(&self, r: Record) {
-        if let Some(tx) = &self.tx {
-            self.stats.queued.fetch_add(1, Ordering::Relaxed);
-            if tx.send(Msg::Record(Box::new(r), None)).is_err() {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let _ = self.send(r, false);
+    }
+
+    /// Queue a record that a fail-closed answer waits for; its ticket tells when it is durable
+    /// ([`AuditLog::outcome`]). `None` when the audit is off or the writer is gone.
+    pub fn enqueue(&self, r: Record) -> Option<u64> {
+        self.send(r, true)
+    }
+
+    fn send(&self, r: Record, durable: bool) -> Option<u64> {
+        let tx = self.tx.as_ref()?;
+        let mut g = tx.lock().ok()?;
+        let ticket = g.1;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if g.0.send(Msg::Record(Box::new(r), ticket, durable)).is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
+        g.1 += 1;
+        Some(ticket)
+    }
+
+    /// Whether the record of `ticket` is durable: `None` while it is still being written.
+    pub fn outcome(&self, ticket: u64) -> Option<Result<()>> {
+        if *self.done.borrow() < ticket {
+            return None;
+        }
+        let failed = self.outcomes.failed.lock().ok()?;
+        Some(
+            match failed
+                .iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&ticket))
+            {
+                Some((_, _, why)) => Err(Error::AuditUnavailable(why.clone())),
+                None => Ok(()),
+            },
+        )
+    }
+
+    /// A receiver that changes whenever more records are durable (or failed).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.done.clone()
     }
 
     /// Queue a record and wait until it is durable (fail-closed): `audit_unavailable` when the
     /// log cannot be written or the disk does not answer within `[audit] timeout_ms`.
     pub async fn durable(&self, r: Record) -> Result<()> {
-        let Some(tx) = &self.tx else {
+        if !self.enabled() {
             return Ok(());
-        };
-        let (done, wait) = oneshot::channel();
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if tx.send(Msg::Record(Box::new(r), Some(done))).is_err() {
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(Error::AuditUnavailable(
-                "the audit writer has stopped".into(),
-            ));
         }
-        match tokio::time::timeout(self.timeout, wait).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::AuditUnavailable(
-                "the audit writer has stopped".into(),
-            )),
-            Err(_) => Err(Error::AuditUnavailable(format!(
-                "the audit record was not durable within {} ms",
-                self.timeout.as_millis()
-            ))),
-        }
+        let ticket = self
+            .enqueue(r)
+            .ok_or_else(|| Error::AuditUnavailable("the audit writer has stopped".into()))?;
+        self.wait(ticket).await
+    }
+
+    /// Wait for `ticket`'s outcome, at most `[audit] timeout_ms`.
+    pub async fn wait(&self, ticket: u64) -> Result<()> {
+        let mut rx = self.done.clone();
+        let waited = tokio::time::timeout(self.timeout, async {
+            loop {
+                if let Some(r) = self.outcome(ticket) {
+                    return r;
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Error::AuditUnavailable(
+                        "the audit writer has stopped".into(),
+                    ));
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    /// The error of a record not durable within `[audit] timeout_ms`.
+    pub fn timed_out(&self) -> Error {
+        Error::AuditUnavailable(format!(
+            "the audit record was not durable within {} ms",
+            self.timeout.as_millis()
+        ))
     }
 
     /// Wait (at most `limit`) until everything queued before this call is written.
     pub fn flush(&self, limit: Duration) {
         let Some(tx) = &self.tx else { return };
         let (done, wait) = oneshot::channel();
-        if tx.send(Msg::Flush(done)).is_ok() {
+        let sent = tx.lock().is_ok_and(|g| g.0.send(Msg::Flush(done)).is_ok());
+        if sent {
             let deadline = Instant::now() + limit;
             let mut wait = wait;
             while Instant::now() < deadline {
@@ -163,21 +250,79 @@ impl Drop for AuditLog {
     }
 }
 
-fn run(mut log: LogFile, rx: mpsc::Receiver<Msg>, stats: &Stats, observer: Option<&dyn Observer>) {
+fn run(
+    mut log: LogFile,
+    rx: mpsc::Receiver<Msg>,
+    stats: &Stats,
+    outcomes: &Outcomes,
+    done: &tokio::sync::watch::Sender<u64>,
+    observer: Option<&dyn Observer>,
+) {
     // Records that could not be written are counted; the next commit that works says so.
     let mut lost: u64 = 0;
     let mut lost_why = String::new();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
+    let mut last_sync = Instant::now();
+    let mut last_batch = 0usize;
+    loop {
+        // Fail-open records written without an fsync get one once the writer is idle or
+        // LAZY_SYNC has passed, whichever comes first.
+        let first = if log.unsynced() {
+            match rx.recv_timeout(LAZY_SYNC.saturating_sub(last_sync.elapsed())) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = log.sync() {
+                        tracing::error!(code = e.code(), "audit fsync failed: {e}");
+                    }
+                    last_sync = Instant::now();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => m,
                 Err(_) => break,
             }
+        };
+        let mut batch = vec![first];
+        // Group commit: take what is queued; under load, linger briefly for more, so one
+        // write (and one fsync) covers more records. Nobody waits for a fail-open record, so
+        // a group of those lingers longer; a fail-closed one lingers only when the last
+        // group was large (at low load its fsync starts at once).
+        let started = Instant::now();
+        let mut durable = matches!(batch[0], Msg::Record(_, _, true) | Msg::Flush(_));
+        while batch.len() < MAX_BATCH {
+            let linger = if durable {
+                if last_batch >= LINGER_AFTER {
+                    LINGER_DURABLE
+                } else {
+                    Duration::ZERO
+                }
+            } else {
+                LINGER_LAZY
+            };
+            let m = match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    let left = linger.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    }
+                }
+            };
+            durable |= matches!(m, Msg::Record(_, _, true) | Msg::Flush(_));
+            batch.push(m);
         }
+        last_batch = batch.len();
         let mut records = Vec::with_capacity(batch.len() + 1);
-        let mut waiters = Vec::new();
         let mut flushes = Vec::new();
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        let mut must_sync = false;
         if lost > 0 {
             let mut gap = Record::new("gap");
             gap.ts = crate::keystore::now_rfc3339();
@@ -188,56 +333,66 @@ fn run(mut log: LogFile, rx: mpsc::Receiver<Msg>, stats: &Stats, observer: Optio
         }
         for m in batch {
             match m {
-                Msg::Record(r, w) => {
+                Msg::Record(r, t, durable) => {
+                    must_sync |= durable;
                     records.push(*r);
-                    waiters.push(w);
+                    lo = lo.min(t);
+                    hi = hi.max(t);
                 }
-                Msg::Flush(f) => flushes.push(f),
-            }
-        }
-        let n = waiters.len();
-        if records.is_empty() {
-            for f in flushes {
-                let _ = f.send(());
-            }
-            continue;
-        }
-        let started = Instant::now();
-        let result = log.append(&mut records);
-        stats.queued.fetch_sub(n as u64, Ordering::Relaxed);
-        match &result {
-            Ok(()) => {
-                lost = 0;
-                stats.written.fetch_add(n as u64, Ordering::Relaxed);
-                stats.available.store(true, Ordering::Relaxed);
-                if let Some(o) = observer {
-                    o.committed(started.elapsed(), n);
-                }
-            }
-            Err(e) => {
-                if lost == 0 {
-                    tracing::error!(code = e.code(), "audit log unavailable: {e}");
-                }
-                lost += n as u64;
-                lost_why = e.to_string();
-                stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
-                stats.available.store(false, Ordering::Relaxed);
-                if let Ok(mut le) = stats.last_error.lock() {
-                    *le = Some(e.to_string());
-                }
-                if let Some(o) = observer {
-                    o.dropped(n);
+                Msg::Flush(f) => {
+                    must_sync = true;
+                    flushes.push(f);
                 }
             }
         }
-        for w in waiters.into_iter().flatten() {
-            let _ = w.send(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(Error::AuditUnavailable(e.to_string())),
-            });
+        let n = if hi >= lo { hi - lo + 1 } else { 0 };
+        if n > 0 {
+            let started = Instant::now();
+            let sync = must_sync || last_sync.elapsed() >= LAZY_SYNC;
+            let result = log.append(&mut records, sync);
+            if sync && result.is_ok() {
+                last_sync = Instant::now();
+            }
+            stats.queued.fetch_sub(n, Ordering::Relaxed);
+            match result {
+                Ok(()) => {
+                    lost = 0;
+                    stats.written.fetch_add(n, Ordering::Relaxed);
+                    stats.available.store(true, Ordering::Relaxed);
+                    if let Some(o) = observer {
+                        o.committed(started.elapsed(), n as usize);
+                    }
+                }
+                Err(e) => {
+                    if lost == 0 {
+                        tracing::error!(code = e.code(), "audit log unavailable: {e}");
+                    }
+                    lost += n;
+                    lost_why = e.to_string();
+                    stats.dropped.fetch_add(n, Ordering::Relaxed);
+                    stats.available.store(false, Ordering::Relaxed);
+                    if let Ok(mut le) = stats.last_error.lock() {
+                        *le = Some(e.to_string());
+                    }
+                    if let Ok(mut f) = outcomes.failed.lock() {
+                        if f.len() >= FAILED_KEPT {
+                            f.pop_front();
+                        }
+                        f.push_back((lo, hi, e.to_string()));
+                    }
+                    if let Some(o) = observer {
+                        o.dropped(n as usize);
+                    }
+                }
+            }
+            done.send_replace(hi);
+        }
+        if !flushes.is_empty() && log.unsynced() {
+            let _ = log.sync();
         }
         for f in flushes {
             let _ = f.send(());
         }
     }
+    let _ = log.sync();
 }
