@@ -19,10 +19,6 @@ use crate::error::{Error, Result};
 const MAX_BATCH: usize = 4096;
 /// A group of fail-open records waits this long for more before it is written.
 const LINGER_LAZY: Duration = Duration::from_millis(2);
-/// A group with a fail-closed record waits this long for more, under load only.
-const LINGER_DURABLE: Duration = Duration::from_micros(200);
-/// "Under load": the previous group had at least this many records.
-const LINGER_AFTER: usize = 8;
 /// Longest a fail-open record stays written but not yet fsynced.
 pub const LAZY_SYNC: Duration = Duration::from_millis(10);
 
@@ -262,7 +258,6 @@ fn run(
     let mut lost: u64 = 0;
     let mut lost_why = String::new();
     let mut last_sync = Instant::now();
-    let mut last_batch = 0usize;
     loop {
         // Fail-open records written without an fsync get one once the writer is idle or
         // LAZY_SYNC has passed, whichever comes first.
@@ -285,22 +280,14 @@ fn run(
             }
         };
         let mut batch = vec![first];
-        // Group commit: take what is queued; under load, linger briefly for more, so one
-        // write (and one fsync) covers more records. Nobody waits for a fail-open record, so
-        // a group of those lingers longer; a fail-closed one lingers only when the last
-        // group was large (at low load its fsync starts at once).
+        // Group commit: take what is queued — every record that arrived during the previous
+        // fsync. Nobody waits for a fail-open record, so a group of only those lingers briefly
+        // for more (fewer, larger writes); one a fail-closed answer waits for is written at
+        // once: its throughput is bounded by requests in flight ÷ commit latency.
         let started = Instant::now();
         let mut durable = matches!(batch[0], Msg::Record(_, _, true) | Msg::Flush(_));
         while batch.len() < MAX_BATCH {
-            let linger = if durable {
-                if last_batch >= LINGER_AFTER {
-                    LINGER_DURABLE
-                } else {
-                    Duration::ZERO
-                }
-            } else {
-                LINGER_LAZY
-            };
+            let linger = if durable { Duration::ZERO } else { LINGER_LAZY };
             let m = match rx.try_recv() {
                 Ok(m) => m,
                 Err(mpsc::TryRecvError::Disconnected) => break,
@@ -318,7 +305,7 @@ fn run(
             durable |= matches!(m, Msg::Record(_, _, true) | Msg::Flush(_));
             batch.push(m);
         }
-        last_batch = batch.len();
+
         let mut records = Vec::with_capacity(batch.len() + 1);
         let mut flushes = Vec::new();
         let (mut lo, mut hi) = (u64::MAX, 0);
