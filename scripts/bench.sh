@@ -3,7 +3,8 @@
 # (Ed25519, P-256, RSA-2048, HMAC-SHA256; 1 and 4 clients), then keyward's PKCS#11 path on a
 # SoftHSM token against raw cryptoki calls on the same token (RSA-2048 PSS, P-256, Ed25519;
 # 1 and 4 clients), then keyward's TPM path on an swtpm against raw tss-esapi calls on the same
-# TPM (RSA-2048 PSS, P-256; 1 and 4 clients), and write docs/benchmarks.md.
+# TPM (RSA-2048 PSS, P-256; 1 and 4 clients), then signing with the audit log off, fail-open
+# and fail-closed (4 clients x 16 in flight), and write docs/benchmarks.md.
 #
 #   scripts/bench.sh            full run: 5 s per case (~8 min), rewrites docs/benchmarks.md
 #   scripts/bench.sh --quick    smoke run: 1 s per case, prints the tables, leaves the doc alone
@@ -14,6 +15,7 @@
 #            --profiles-only (only the criterion benchmark of policy + profile overhead and
 #            sign_request through the agent, benches/profiles.rs; replaces its section likewise),
 #            --no-tpm (skip the TPM part), --tpm-only (only the TPM part; report as --softhsm-only)
+#            --no-audit (skip the audit part), --audit-only (only the audit part; report likewise)
 #
 # Everything (keys, keyward homes, the SoftHSM token dir and config, the swtpm state, all agents'
 # sockets) lives in a temp dir removed on exit; every agent and the swtpm are stopped on exit,
@@ -34,6 +36,7 @@ SOFT=1
 SOFTHSM=auto
 TPM=auto
 PROFILES=1
+AUDIT=1
 DURATION=5
 REPORT=docs/benchmarks.md
 REPORT_SET=0
@@ -60,22 +63,33 @@ while [ $# -gt 0 ]; do
         SOFT=0
         PROFILES=0
         TPM=skip
+        AUDIT=0
         ;;
     --profiles-only)
         SOFTHSM=skip
         SOFT=0
         PROFILES=only
         TPM=skip
+        AUDIT=0
         ;;
     --no-tpm) TPM=skip ;;
+    --no-audit) AUDIT=0 ;;
+    --audit-only)
+        AUDIT=only
+        SOFTHSM=skip
+        SOFT=0
+        PROFILES=0
+        TPM=skip
+        ;;
     --tpm-only)
         TPM=only
         SOFTHSM=skip
         SOFT=0
         PROFILES=0
+        AUDIT=0
         ;;
     -h | --help)
-        sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -196,6 +210,7 @@ run_soft() {
     head -c 48 /dev/urandom | base64 | tr -d '\n' >"$WORK/hmac.secret"
 
     "$KW" --home "$HOME_DIR" init --passphrase "file:$PASS" --kdf-work-factor 10 >/dev/null
+    audit_fail_open "$HOME_DIR"
     "$KW" --home "$HOME_DIR" key import bench-ed25519 --file "$WORK/ed25519" >/dev/null
     "$KW" --home "$HOME_DIR" key import bench-p256 --file "$WORK/p256" >/dev/null
     "$KW" --home "$HOME_DIR" key import bench-rsa2048 --file "$WORK/rsa2048" >/dev/null
@@ -261,6 +276,48 @@ not work the agent does; the overhead here is the agent's and the client library
     fi
 }
 
+# The comparison sections run with the audit log on but fail-open (records group-committed and
+# fsynced within 10 ms, the answer not waiting): a fail-closed answer waits for an fsync, which the
+# audit section measures on its own. The keys here are prod keys, fail-closed by default.
+audit_fail_open() { # audit_fail_open HOME (a home `keyward init` wrote)
+    sed -i 's/^# fail_closed = true .*/fail_closed = false/' "$1/keyward.toml"
+    grep -qx 'fail_closed = false' "$1/keyward.toml" || die "could not set [audit] fail_closed in $1/keyward.toml"
+}
+
+# --- audit: the same pipelined load with the audit log off, fail-open and fail-closed -----------
+readonly AUDIT_TITLE="Audit (issue 7): signing with the audit log off, fail-open and fail-closed"
+run_audit() {
+    local ahome=$WORK/audit-home
+    "$KW" --home "$ahome" init --passphrase "file:$PASS" --kdf-work-factor 10 >/dev/null
+    "$KW" --home "$ahome" key generate bench-ed25519 --type ed25519 >/dev/null
+    local rounds=3
+    [ "$QUICK" -eq 1 ] && rounds=1
+    local args=(--home "$ahome" bench --audit-modes --key bench-ed25519 --passphrase "file:$PASS"
+        --clients 4 --in-flight 16 --duration "$((DURATION * 3))" --rounds "$rounds")
+    say "audit modes: 4 clients x 16 in flight, off / fail-open / fail-closed"
+    if [ -n "$REPORT" ]; then
+        args+=(--report "$WORK/audit-section.md" --append-section "$AUDIT_TITLE" --section-note "$AUDIT_NOTE")
+        "$KW" "${args[@]}" >&2
+        splice_section "$REPORT" "## $AUDIT_TITLE" "$WORK/audit-section.md"
+        say "audit section written to $REPORT"
+    else
+        "$KW" "${args[@]}"
+    fi
+}
+
+AUDIT_NOTE="Issue 7's measurement: \`keyward bench --audit-modes\` starts three agents on copies of one home with \
+an Ed25519 software key (prod), differing only in \`[audit]\`: **off** (\`enabled = false\`), **fail-open** \
+(\`fail_closed = false\`: records are group-committed by the audit thread, lingering up to 2 ms for more and \
+fsynced within 10 ms; answers do not wait) and **fail-closed** (\`fail_closed = true\`: a signature is released only \
+once its record is durable; every record that arrived while the previous fsync ran shares the next one). Each mode \
+gets the same load — 4 client connections each keeping 16 \`sign\` requests in flight (pipelined) — round-robin \
+in slices, so the modes share the machine's background noise. A scraper fetches \`GET /metrics\` from each agent's \
+loopback listener every 100 ms during its load. *records per fsync* is \`keyward_audit_records_total\` divided by \
+\`keyward_audit_commit_seconds_count\` (commits; for fail-open most commits are writes without an fsync). On this \
+2-core machine the 4 clients, the agent's runtime threads and the audit thread share both cores, so whatever the \
+audit costs in CPU comes straight out of the signing rate (with a spare core it would not), and fail-closed \
+throughput is also bounded by requests in flight ÷ (commit latency + queueing)."
+
 # Replace the section of report $1 that starts with the line $2 (up to the next "## " heading)
 # by the file $3, or append $3 if the report has no such section. Rewrites in place (keeps the
 # file's mode; this script's umask is 077).
@@ -307,6 +364,9 @@ run_softhsm() {
 # Written by scripts/bench.sh for the SoftHSM benchmark.
 [agent]
 workers = 4
+
+[audit]
+fail_closed = false
 
 [pkcs11.bench]
 module = "$SOFTHSM_MODULE"
@@ -398,6 +458,9 @@ run_tpm() {
 # Written by scripts/bench.sh for the TPM benchmark.
 [agent]
 workers = 4
+
+[audit]
+fail_closed = false
 
 [tpm.bench]
 tcti = "$tcti"
@@ -526,6 +589,9 @@ if [ "$SOFTHSM" != skip ]; then
 fi
 if [ "$TPM" != skip ]; then
     run_tpm
+fi
+if [ "$AUDIT" != 0 ]; then
+    run_audit
 fi
 if [ "$PROFILES" != 0 ] && [ "$QUICK" -eq 0 ]; then
     profiles_section "$WORK/profiles.md"

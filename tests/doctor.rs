@@ -6,15 +6,14 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
 use common::swtpm::Swtpm;
+use common::token_home::{TokenHome, USER_PIN};
 use common::{write_private, Output, TestHome, PASSPHRASE};
 
-const SO_PIN: &str = "so-pin-5512";
-const USER_PIN: &str = "user-pin-8097";
 const STATUSES: [&str; 4] = ["pass", "warn", "fail", "info"];
 
 /// `keyward --json doctor ARGS` in `h` with `env`; the report, checked for shape.
@@ -129,125 +128,18 @@ fn register_wrong_public_key(h: &TestHome, name: &str, other: &str) {
     write_private(&h.keys_dir().join(format!("{name}.toml")), text.as_bytes());
 }
 
-/// A test home with its own SoftHSM token `label`, configured as `[pkcs11.tok]`.
-struct Hsm {
-    home: TestHome,
-    conf: PathBuf,
-    pin_file: PathBuf,
-    label: String,
+/// A test home with its own SoftHSM token, configured as `[pkcs11.tok]`.
+type Hsm = TokenHome;
+
+/// `keyward --json doctor ARGS` in a token home.
+fn doctor_hsm(h: &Hsm, args: &[&str]) -> (Output, Value) {
+    let env = h.env();
+    let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    doctor_json(&h.home, args, &e)
 }
 
-impl Hsm {
-    fn new(label: &str) -> Hsm {
-        let home = TestHome::new();
-        let tokens = home.path("tokens");
-        fs::create_dir(&tokens).expect("token dir");
-        let conf = home.path("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("softhsm conf");
-        let so = home.path("so-pin");
-        let pin_file = home.path("user-pin");
-        write_private(&so, SO_PIN.as_bytes());
-        write_private(&pin_file, USER_PIN.as_bytes());
-        let h = Hsm {
-            home,
-            conf,
-            pin_file,
-            label: label.to_string(),
-        };
-        h.ok(&[
-            "token",
-            "init",
-            "--label",
-            label,
-            "--so-pin",
-            &format!("file:{}", so.display()),
-            "--pin",
-            &format!("file:{}", h.pin_file.display()),
-        ]);
-        let text = format!(
-            "[pkcs11.tok]\nlabel = \"{label}\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\npin = \"file:{}\"\n",
-            h.pin_file.display()
-        );
-        write_private(&h.home.home.join("keyward.toml"), text.as_bytes());
-        h
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![("SOFTHSM2_CONF", self.conf.display().to_string())]
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let env = self.env();
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.home.run_full(args, None, &e)
-    }
-
-    fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert!(out.success(), "command failed:\n{out}");
-        out
-    }
-
-    fn doctor(&self, args: &[&str]) -> (Output, Value) {
-        let env = self.env();
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        doctor_json(&self.home, args, &e)
-    }
-
-    fn generate(&self, name: &str, key_type: &str) {
-        self.ok(&[
-            "key",
-            "generate",
-            name,
-            "--type",
-            key_type,
-            "--backend",
-            "pkcs11",
-            "--token",
-            "tok",
-        ]);
-    }
-
-    fn import_hmac(&self, name: &str) {
-        let src = self.home.path(&format!("import-{name}"));
-        write_private(&src, &common::random_bytes(32));
-        self.ok(&[
-            "key",
-            "import",
-            name,
-            "--type",
-            "hmac-sha256",
-            "--backend",
-            "pkcs11",
-            "--token",
-            "tok",
-            "--file",
-            &src.display().to_string(),
-        ]);
-    }
-
-    /// `pkcs11-tool` on this token, logged in.
-    fn pkcs11_tool(&self, args: &[&str]) -> Output {
-        let mut c = std::process::Command::new("pkcs11-tool");
-        c.env("SOFTHSM2_CONF", &self.conf).args([
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            &self.label,
-            "--login",
-            "--pin",
-            USER_PIN,
-        ]);
-        c.args(args);
-        common::run_command(c, None)
-    }
+fn import_hmac(h: &Hsm, name: &str) {
+    h.import(name, "hmac-sha256", &common::random_bytes(32));
 }
 
 #[test]
@@ -509,8 +401,8 @@ fn a_healthy_token_home_passes() {
     let h = Hsm::new("doctor-ok");
     h.generate("tok-ed", "ed25519");
     h.generate("tok-ec", "p256");
-    h.import_hmac("tok-mac");
-    let (out, v) = h.doctor(&[]);
+    import_hmac(&h, "tok-mac");
+    let (out, v) = doctor_hsm(&h, &[]);
     assert_all_pass_or_info(&v, &out);
     assert_status(&v, "backend.pkcs11", Some("tok"), "pass");
     let pin = h.pin_file.display().to_string();
@@ -534,7 +426,7 @@ fn a_healthy_token_home_passes() {
 
     // The object on the token is not the key the registry (and the exchange) knows.
     register_wrong_public_key(&h.home, "tok-ed", "tok-ec");
-    let (out, v) = h.doctor(&[]);
+    let (out, v) = doctor_hsm(&h, &[]);
     let c = assert_status(&v, "key", Some("tok-ed v1"), "fail");
     assert!(
         c["message"]
@@ -555,7 +447,7 @@ fn a_loose_pin_file_fails_with_chmod_fix() {
     let h = Hsm::new("doctor-pin");
     h.generate("tok-ed", "ed25519");
     chmod(&h.pin_file, 0o644);
-    let (out, v) = h.doctor(&[]);
+    let (out, v) = doctor_hsm(&h, &[]);
     let c = assert_status(&v, "perm.secret_file", Some("pkcs11.tok.pin"), "fail");
     let pin = h.pin_file.display().to_string();
     assert_eq!(c["fix"], format!("chmod 600 {pin}"), "{c}");
@@ -579,7 +471,7 @@ fn a_deleted_token_object_fails_the_key_check() {
         let out = h.pkcs11_tool(&["--delete-object", "--type", kind, "--id", &id]);
         assert!(out.success(), "pkcs11-tool --delete-object failed:\n{out}");
     }
-    let (out, v) = h.doctor(&[]);
+    let (out, v) = doctor_hsm(&h, &[]);
     let c = assert_status(&v, "key", Some("gone v1"), "fail");
     let m = c["message"].as_str().unwrap();
     assert!(m.contains(&id) && m.contains("tok"), "{m}");

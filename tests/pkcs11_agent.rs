@@ -9,132 +9,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::token_home::{TokenHome, USER_PIN};
 use common::verify::{schemes, Verifier, KEY_TYPES};
-use common::{key_name, unb64, write_private, Agent, TestHome};
+use common::{key_name, unb64, write_private};
 use keyward::client::Client;
 use keyward::Error;
 
-const SO_PIN: &str = "so-pin-4821";
-const USER_PIN: &str = "user-pin-7310";
 /// Every failure must be answered within the device timeout (2 s default).
 const ANSWER_LIMIT: Duration = Duration::from_secs(2);
 
-/// A test home plus its own SoftHSM token directory and config (tests run in parallel).
-struct Hsm {
-    home: TestHome,
-    conf: PathBuf,
-    pin_file: PathBuf,
-}
-
-impl Hsm {
-    /// Home + token `label`, configured as `[pkcs11.tok]`.
-    fn new(label: &str) -> Hsm {
-        let home = TestHome::new();
-        let tokens = home.path("tokens");
-        fs::create_dir(&tokens).expect("token dir");
-        let conf = home.path("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("softhsm conf");
-        let so = home.path("so-pin");
-        let pin_file = home.path("user-pin");
-        write_private(&so, SO_PIN.as_bytes());
-        write_private(&pin_file, USER_PIN.as_bytes());
-        let h = Hsm {
-            home,
-            conf,
-            pin_file,
-        };
-        h.ok(&[
-            "token",
-            "init",
-            "--label",
-            label,
-            "--so-pin",
-            &format!("file:{}", so.display()),
-            "--pin",
-            &format!("file:{}", h.pin_file.display()),
-        ]);
-        h.set_token_config(&format!("label = \"{label}\""));
-        h
-    }
-
-    fn env(&self) -> [(&'static str, String); 1] {
-        [("SOFTHSM2_CONF", self.conf.display().to_string())]
-    }
-
-    /// Replace keyward.toml's `[pkcs11.tok]` section with `body` (empty: no section).
-    fn set_token_config(&self, body: &str) {
-        let path = self.home.home.join("keyward.toml");
-        let mut text = if body.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "[pkcs11.tok]\n{body}\npin = \"file:{}\"\n",
-                self.pin_file.display()
-            )
-        };
-        if !body.contains("module") && !body.is_empty() {
-            text.push_str("module = \"/usr/lib/softhsm/libsofthsm2.so\"\n");
-        }
-        write_private(&path, text.as_bytes());
-    }
-
-    fn run(&self, args: &[&str]) -> common::Output {
-        let env = self.env();
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.home.run_full(args, None, &e)
-    }
-
-    fn ok(&self, args: &[&str]) -> common::Output {
-        let out = self.run(args);
-        assert!(out.success(), "command failed:\n{out}");
-        out
-    }
-
-    fn generate(&self, name: &str, key_type: &str) {
-        self.ok(&[
-            "key",
-            "generate",
-            name,
-            "--type",
-            key_type,
-            "--backend",
-            "pkcs11",
-            "--token",
-            "tok",
-        ]);
-    }
-
-    fn import(&self, name: &str, key_type: &str, secret: &[u8]) {
-        let src = self.home.path(&format!("import-{name}"));
-        write_private(&src, secret);
-        self.ok(&[
-            "key",
-            "import",
-            name,
-            "--type",
-            key_type,
-            "--backend",
-            "pkcs11",
-            "--token",
-            "tok",
-            "--file",
-            &src.display().to_string(),
-        ]);
-    }
-
-    fn agent(&self) -> Agent {
-        let env = self.env();
-        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.home.agent_with_env(&e)
-    }
-}
+/// A test home with its own SoftHSM token (tests run in parallel).
+type Hsm = TokenHome;
 
 fn public_verifier(c: &mut Client, name: &str, key_type: &str) -> Verifier {
     let pk = c.public_key(&key_name(name), "pem").expect("public_key");

@@ -7,6 +7,7 @@
 
 pub mod softhsm;
 pub mod swtpm;
+pub mod token_home;
 pub mod verify;
 
 use std::fs;
