@@ -436,6 +436,17 @@ fn a_full_disk_stops_fail_closed_keys_only_and_service_resumes() {
     let st = audit_status(&agent);
     assert!(!st.available, "{st:?}");
     assert!(st.dropped >= 5, "dropped records are counted: {st:?}");
+    let metrics = agent.client().status().unwrap().metrics.expect("metrics");
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keyward_audit_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("keyward_audit_dropped_total");
+    assert!(
+        dropped >= 5.0,
+        "the dropped-records metric rises:\n{metrics}"
+    );
+    assert!(metrics.contains("keyward_audit_available 0"), "{metrics}");
     // Nothing half-written: the log is still a verifiable prefix.
     let during = std::fs::read(audit_files(&h).into_iter().max().unwrap()).unwrap();
     assert!(

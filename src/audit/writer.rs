@@ -68,6 +68,8 @@ pub struct AuditLog {
     outcomes: Arc<Outcomes>,
     stats: Arc<Stats>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The writer, to wake it early from a linger (fail-closed records, flushes).
+    writer: Option<std::thread::Thread>,
     timeout: Duration,
 }
 
@@ -99,6 +101,7 @@ impl AuditLog {
             done,
             outcomes,
             stats,
+            writer: Some(thread.thread().clone()),
             thread: Mutex::new(Some(thread)),
             timeout: Duration::from_millis(cfg.timeout_ms),
         })
@@ -112,6 +115,7 @@ impl AuditLog {
             outcomes: Arc::new(Outcomes::default()),
             stats: Arc::new(Stats::default()),
             thread: Mutex::new(None),
+            writer: None,
             timeout: Duration::ZERO,
         }
     }
@@ -152,6 +156,12 @@ impl AuditLog {
             return None;
         }
         g.1 += 1;
+        drop(g);
+        if durable {
+            if let Some(w) = &self.writer {
+                w.unpark();
+            }
+        }
         Some(ticket)
     }
 
@@ -221,6 +231,9 @@ impl AuditLog {
         let Some(tx) = &self.tx else { return };
         let (done, wait) = oneshot::channel();
         let sent = tx.lock().is_ok_and(|g| g.0.send(Msg::Flush(done)).is_ok());
+        if let Some(w) = &self.writer {
+            w.unpark();
+        }
         if sent {
             let deadline = Instant::now() + limit;
             let mut wait = wait;
@@ -239,6 +252,9 @@ impl AuditLog {
 impl Drop for AuditLog {
     fn drop(&mut self) {
         self.tx = None;
+        if let Some(w) = &self.writer {
+            w.unpark();
+        }
         let t = self.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = t {
             let _ = t.join();
@@ -296,10 +312,10 @@ fn run(
                     if left.is_zero() {
                         break;
                     }
-                    match rx.recv_timeout(left) {
-                        Ok(m) => m,
-                        Err(_) => break,
-                    }
+                    // Parked, not waiting on the channel: fail-open senders then cost no
+                    // wake-up each; a fail-closed sender or a flush unparks the writer.
+                    std::thread::park_timeout(left);
+                    continue;
                 }
             };
             durable |= matches!(m, Msg::Record(_, _, true) | Msg::Flush(_));
