@@ -307,7 +307,7 @@ run_audit() {
 
 AUDIT_NOTE="Issue 7's measurement: \`keyward bench --audit-modes\` starts three agents on copies of one home with \
 an Ed25519 software key (prod), differing only in \`[audit]\`: **off** (\`enabled = false\`), **fail-open** \
-(\`fail_closed = false\`: records are group-committed by the audit thread, lingering up to 2 ms for more and \
+(\`fail_closed = false\`: records are group-committed by the audit thread, written about every 2 ms and \
 fsynced within 10 ms; answers do not wait) and **fail-closed** (\`fail_closed = true\`: a signature is released only \
 once its record is durable; every record that arrived while the previous fsync ran shares the next one). Each mode \
 gets the same load — 4 client connections each keeping 16 \`sign\` requests in flight (pipelined) — round-robin \

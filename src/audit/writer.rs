@@ -17,8 +17,10 @@ use crate::error::{Error, Result};
 
 /// Largest group written with one fsync.
 const MAX_BATCH: usize = 4096;
-/// A group of fail-open records waits this long for more before it is written.
+/// How often a busy writer looks for fail-open records (they wait at most this long to be
+/// written); an idle one looks less and less often, up to IDLE_MAX.
 const LINGER_LAZY: Duration = Duration::from_millis(2);
+const IDLE_MAX: Duration = Duration::from_millis(10);
 /// Longest a fail-open record stays written but not yet fsynced.
 pub const LAZY_SYNC: Duration = Duration::from_millis(10);
 
@@ -274,54 +276,39 @@ fn run(
     let mut lost: u64 = 0;
     let mut lost_why = String::new();
     let mut last_sync = Instant::now();
+    let mut idle = LINGER_LAZY;
+    let mut closed = false;
     loop {
-        // Fail-open records written without an fsync get one once the writer is idle or
-        // LAZY_SYNC has passed, whichever comes first.
-        let first = if log.unsynced() {
-            match rx.recv_timeout(LAZY_SYNC.saturating_sub(last_sync.elapsed())) {
-                Ok(m) => m,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Err(e) = log.sync() {
-                        tracing::error!(code = e.code(), "audit fsync failed: {e}");
-                    }
-                    last_sync = Instant::now();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            }
-        };
-        let mut batch = vec![first];
-        // Group commit: take what is queued — every record that arrived during the previous
-        // fsync. Nobody waits for a fail-open record, so a group of only those lingers briefly
-        // for more (fewer, larger writes); one a fail-closed answer waits for is written at
-        // once: its throughput is bounded by requests in flight ÷ commit latency.
-        let started = Instant::now();
-        let mut durable = matches!(batch[0], Msg::Record(_, _, true) | Msg::Flush(_));
+        // The writer never blocks on the channel: it takes what is queued, and otherwise parks
+        // for a while. A fail-open sender therefore never has to wake it (no system call on the
+        // request path); a fail-closed sender, a flush and the shutdown unpark it at once.
+        let mut batch = Vec::new();
         while batch.len() < MAX_BATCH {
-            let linger = if durable { Duration::ZERO } else { LINGER_LAZY };
-            let m = match rx.try_recv() {
-                Ok(m) => m,
-                Err(mpsc::TryRecvError::Disconnected) => break,
-                Err(mpsc::TryRecvError::Empty) => {
-                    let left = linger.saturating_sub(started.elapsed());
-                    if left.is_zero() {
-                        break;
-                    }
-                    // Parked, not waiting on the channel: fail-open senders then cost no
-                    // wake-up each; a fail-closed sender or a flush unparks the writer.
-                    std::thread::park_timeout(left);
-                    continue;
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
                 }
-            };
-            durable |= matches!(m, Msg::Record(_, _, true) | Msg::Flush(_));
-            batch.push(m);
+            }
         }
-
+        if batch.is_empty() {
+            if closed {
+                break;
+            }
+            // Written fail-open records get their fsync within LAZY_SYNC.
+            if log.unsynced() && last_sync.elapsed() >= LAZY_SYNC {
+                if let Err(e) = log.sync() {
+                    tracing::error!(code = e.code(), "audit fsync failed: {e}");
+                }
+                last_sync = Instant::now();
+            }
+            std::thread::park_timeout(idle);
+            idle = (idle * 2).min(IDLE_MAX);
+            continue;
+        }
+        idle = LINGER_LAZY;
         let mut records = Vec::with_capacity(batch.len() + 1);
         let mut flushes = Vec::new();
         let (mut lo, mut hi) = (u64::MAX, 0);
@@ -395,6 +382,10 @@ fn run(
         }
         for f in flushes {
             let _ = f.send(());
+        }
+        if !must_sync {
+            // Group fail-open records over LINGER_LAZY: fewer, larger writes.
+            std::thread::park_timeout(LINGER_LAZY);
         }
     }
     let _ = log.sync();
