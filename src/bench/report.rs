@@ -449,7 +449,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         w,
         "- **keyward socket**: the blocking `keyward::client::Client` (JSON frames) against the running agent, \
-         `sign` op with the scheme below. The agent runs with its default configuration for the bench home."
+         `sign` op with the scheme below. The agent runs with its default configuration for the bench home, except `[audit] fail_closed = false` (scripts/bench.sh): the audit log is on and records every request, but answers do not wait for an fsync (the \"Audit\" section measures all three modes)."
     );
     let _ = writeln!(
         w,
