@@ -352,8 +352,12 @@ impl State {
                 let started = Instant::now();
                 let mut trail = Trail {
                     profile: Some(profile.clone()),
-                    request_sha256: serde_json::to_vec(&request)
-                        .ok()
+                    // Only the audit log needs it: no hashing on the request path without one.
+                    request_sha256: self
+                        .audit
+                        .enabled()
+                        .then(|| serde_json::to_vec(&request).ok())
+                        .flatten()
                         .map(|b| audit::sha256_hex(&b)),
                     ..Trail::default()
                 };
@@ -416,7 +420,7 @@ impl State {
                     }
                 }
                 self.with_locks(|l| l.lock(target, reason.clone(), who.uid))?;
-                self.admin_record(who, "lock", target, reason.clone());
+                self.admin_record(who, Some("lock"), target, Ok(reason.clone()));
                 tracing::warn!(uid = who.uid, key = ?target.map(KeyName::as_str), reason = ?reason, "signing locked");
                 Ok(json!({"locked": true, "locks": self.with_locks(|l| Ok(l.list()))?}))
             }
@@ -424,7 +428,7 @@ impl State {
                 self.require_admin(who)?;
                 let target = lock_target(key.as_ref(), all)?;
                 self.with_locks(|l| l.unlock(target))?;
-                self.admin_record(who, "unlock", target, None);
+                self.admin_record(who, Some("unlock"), target, Ok(None));
                 tracing::warn!(uid = who.uid, key = ?target.map(KeyName::as_str), "signing unlocked");
                 Ok(json!({"locked": false, "locks": self.with_locks(|l| Ok(l.list()))?}))
             }
@@ -433,7 +437,7 @@ impl State {
                 // File I/O and key parsing: keep the reactor thread free for other clients.
                 let n = tokio::task::block_in_place(|| self.reload());
                 let outcome = n.as_ref().err().map(|e| format!("failed: {e}"));
-                self.admin_record(who, "reload", None, outcome);
+                self.admin_record(who, Some("reload"), None, Ok(outcome));
                 let n = n?;
                 tracing::info!(uid = who.uid, keys = n, "reloaded");
                 Ok(json!({"reloaded": true, "keys": n}))
@@ -445,23 +449,15 @@ impl State {
         if self.is_admin(who) {
             Ok(())
         } else {
-            let mut r = Record::new("admin");
-            r.ts = keyward::keystore::now_rfc3339();
-            r.client = Some(audit::client_info(who, None));
-            r.decision = Some("deny".into());
-            r.code = Some("forbidden".into());
-            r.reason = Some("not an admin client".into());
-            self.audit.record(r);
-            Err(Error::Forbidden(
-                "this operation needs an admin client".into(),
-            ))
+            let e = Error::Forbidden("this operation needs an admin client".into());
+            self.admin_record(who, None, None, Err(&e));
+            Err(e)
         }
     }
 
     /// `agent_start` / `agent_stop`, with the agent's pid and version.
     pub fn lifecycle_record(&self, event: &str) {
         let mut r = Record::new(event);
-        r.ts = keyward::keystore::now_rfc3339();
         r.reason = Some(format!(
             "keyward agent {} pid {}, {} key(s)",
             keyward::VERSION,
@@ -474,16 +470,7 @@ impl State {
     /// Record every backend whose health changed since the last look (`backend_up` /
     /// `backend_down` with the device's error).
     pub fn watch_backends(&self) {
-        let mut now: Vec<(String, Health)> = self
-            .tokens()
-            .values()
-            .map(|t| (format!("pkcs11:{}", t.alias()), t.health()))
-            .collect();
-        now.extend(
-            self.tpms()
-                .values()
-                .map(|t| (format!("tpm:{}", t.alias()), t.health())),
-        );
+        let now = self.device_health();
         let Ok(mut seen) = self.health_seen.lock() else {
             return;
         };
@@ -493,7 +480,6 @@ impl State {
                 continue;
             }
             let mut r = Record::new(if up { "backend_up" } else { "backend_down" });
-            r.ts = keyward::keystore::now_rfc3339();
             r.op = Some(name);
             if let Health::Down(why) = health {
                 r.reason = Some(why);
@@ -502,26 +488,56 @@ impl State {
         }
     }
 
-    /// An admin action done by the agent for `who` (fail-open: the action already happened).
+    /// Every backend by the name status and metrics use: `soft`, then the devices.
+    fn backend_health(&self) -> Vec<(String, Health)> {
+        let mut out = vec![(self.soft.kind().to_string(), self.soft.health())];
+        out.extend(self.device_health());
+        out
+    }
+
+    /// The configured devices (`pkcs11:<alias>`, `tpm:<alias>`) and their health.
+    fn device_health(&self) -> Vec<(String, Health)> {
+        let mut out: Vec<(String, Health)> = Vec::new();
+        out.extend(
+            self.tokens()
+                .values()
+                .map(|t| (format!("pkcs11:{}", t.alias()), t.health())),
+        );
+        out.extend(
+            self.tpms()
+                .values()
+                .map(|t| (format!("tpm:{}", t.alias()), t.health())),
+        );
+        out
+    }
+
+    /// An admin action done by the agent for `who`, or refused (fail-open: an allowed action
+    /// has already happened). `outcome`: the reason to record, or the refusal.
     fn admin_record(
         &self,
         who: &ClientIdentity,
-        op: &str,
+        op: Option<&str>,
         key: Option<&KeyName>,
-        reason: Option<String>,
+        outcome: std::result::Result<Option<String>, &Error>,
     ) {
         let mut r = Record::new("admin");
-        r.ts = keyward::keystore::now_rfc3339();
         r.client = Some(audit::client_info(who, None));
-        r.op = Some(op.into());
+        r.op = op.map(str::to_string);
         r.key = key.map(|k| k.to_string());
-        r.decision = Some("allow".into());
-        r.reason = reason;
+        match outcome {
+            Ok(reason) => {
+                r.decision = Some("allow".into());
+                r.reason = reason;
+            }
+            Err(e) => {
+                r.decision = Some("deny".into());
+                r.code = Some(e.code().into());
+                r.reason = Some(e.to_string());
+            }
+        }
         self.audit.record(r);
     }
 
-    /// Write the record of one signing request. An allowed request on a fail-closed key is
-    /// answered only once its record is durable; if it cannot be, the signature is withheld.
     /// Count and audit one signing request. An allowed request on a fail-closed key comes
     /// back as [`Reply::AfterAudit`]: its answer may be released only once its record is
     /// durable ([`State::settle`]).
@@ -596,7 +612,6 @@ impl State {
             return Ok(Pending::Now(result));
         }
         let mut r = Record::new(op);
-        r.ts = keyward::keystore::now_rfc3339();
         r.client = Some(audit::client_info(who, trail.client.as_deref()));
         r.key = Some(key.to_string());
         r.version = trail.version;
@@ -913,7 +928,9 @@ impl State {
         let msg = STANDARD
             .decode(data)
             .map_err(|_| Error::BadRequest("data must be standard base64".into()))?;
-        trail.request_sha256 = Some(audit::sha256_hex(&msg));
+        if self.audit.enabled() {
+            trail.request_sha256 = Some(audit::sha256_hex(&msg));
+        }
         let sig = self.run_sign(&chosen, alg, msg).await?;
         let (signature, digest) = match sig.recovery_id {
             Some(rid) => {
@@ -948,34 +965,17 @@ impl State {
             dumpable: keyward::sys::is_dumpable(),
             memory_locked: keyward::sys::memory_locked(),
             locks: self.with_locks(|l| Ok(l.list()))?,
-            backends: std::iter::once(BackendStatus {
-                kind: self.soft.kind().to_string(),
-                up: true,
-                detail: None,
-            })
-            .chain(self.tokens().values().map(|t| {
-                let (up, detail) = match t.health() {
-                    Health::Up => (true, None),
-                    Health::Down(why) => (false, Some(why)),
-                };
-                BackendStatus {
-                    kind: format!("pkcs11:{}", t.alias()),
-                    up,
-                    detail,
-                }
-            }))
-            .chain(self.tpms().values().map(|t| {
-                let (up, detail) = match t.health() {
-                    Health::Up => (true, None),
-                    Health::Down(why) => (false, Some(why)),
-                };
-                BackendStatus {
-                    kind: format!("tpm:{}", t.alias()),
-                    up,
-                    detail,
-                }
-            }))
-            .collect(),
+            backends: self
+                .backend_health()
+                .into_iter()
+                .map(|(kind, health)| {
+                    let (up, detail) = match health {
+                        Health::Up => (true, None),
+                        Health::Down(why) => (false, Some(why)),
+                    };
+                    BackendStatus { kind, up, detail }
+                })
+                .collect(),
             audit: Some(self.audit_status()),
             metrics: Some(self.metrics_text()),
         })
@@ -983,19 +983,11 @@ impl State {
 
     /// The Prometheus text exposition, with gauges read now.
     pub fn metrics_text(&self) -> String {
-        let mut backends = vec![("soft".to_string(), true)];
-        backends.extend(self.tokens().values().map(|t| {
-            (
-                format!("pkcs11:{}", t.alias()),
-                matches!(t.health(), Health::Up),
-            )
-        }));
-        backends.extend(self.tpms().values().map(|t| {
-            (
-                format!("tpm:{}", t.alias()),
-                matches!(t.health(), Health::Up),
-            )
-        }));
+        let backends: Vec<(String, bool)> = self
+            .backend_health()
+            .into_iter()
+            .map(|(name, h)| (name, matches!(h, Health::Up)))
+            .collect();
         let st = self.audit.stats();
         self.metrics.set_gauges(Gauges {
             queue_depth: self.pool.depth(),

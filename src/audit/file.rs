@@ -179,7 +179,6 @@ impl LogFile {
             Some((i, r)) => {
                 if i + 1 < lines.len() || !r.hash_ok() {
                     let mut rep = Record::new("repair");
-                    rep.ts = crate::keystore::now_rfc3339();
                     rep.reason = Some(format!(
                         "the end of {} does not verify ({} line(s) after seq {} do not parse, hash {}); \
                          the chain continues from seq {}; run `keyward audit verify`",
@@ -221,7 +220,6 @@ impl LogFile {
         self.file.set_len(at).map_err(unavailable(path))?;
         self.file.sync_all().map_err(unavailable(path))?;
         let mut rep = Record::new("repair");
-        rep.ts = crate::keystore::now_rfc3339();
         rep.reason = Some(format!(
             "torn last line of {} removed ({} bytes, sha256 {}), kept in {}",
             file_name(self.index),
@@ -251,7 +249,6 @@ impl LogFile {
         let mut head = Vec::new();
         if let Some(prev_file) = &self.pending_start {
             let mut r = Record::new("file_start");
-            r.ts = crate::keystore::now_rfc3339();
             r.prev_file = Some(prev_file.clone());
             head.push(r);
         }

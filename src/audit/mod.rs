@@ -29,7 +29,6 @@ pub fn admin(
         return Ok(());
     }
     let mut r = Record::new("admin");
-    r.ts = crate::keystore::now_rfc3339();
     r.client = Some(cli_client());
     r.op = Some(op.to_string());
     r.key = key.map(str::to_string);

@@ -68,9 +68,10 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record of `event` with every other field empty (filled by the caller).
+    /// A record of `event`, stamped now, with every other field empty (filled by the caller).
     pub fn new(event: &str) -> Record {
         Record {
+            ts: crate::keystore::now_rfc3339(),
             event: event.to_string(),
             ..Record::default()
         }

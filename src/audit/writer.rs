@@ -189,18 +189,6 @@ impl AuditLog {
         self.done.clone()
     }
 
-    /// Queue a record and wait until it is durable (fail-closed): `audit_unavailable` when the
-    /// log cannot be written or the disk does not answer within `[audit] timeout_ms`.
-    pub async fn durable(&self, r: Record) -> Result<()> {
-        if !self.enabled() {
-            return Ok(());
-        }
-        let ticket = self
-            .enqueue(r)
-            .ok_or_else(|| Error::AuditUnavailable("the audit writer has stopped".into()))?;
-        self.wait(ticket).await
-    }
-
     /// Wait for `ticket`'s outcome, at most `[audit] timeout_ms`.
     pub async fn wait(&self, ticket: u64) -> Result<()> {
         let mut rx = self.done.clone();
@@ -315,7 +303,6 @@ fn run(
         let mut must_sync = false;
         if lost > 0 {
             let mut gap = Record::new("gap");
-            gap.ts = crate::keystore::now_rfc3339();
             gap.reason = Some(format!(
                 "{lost} record(s) could not be written while the log was unavailable ({lost_why})"
             ));
