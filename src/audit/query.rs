@@ -78,15 +78,19 @@ pub fn query(dir: &Path, filter: &Filter) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     for (_, p) in list(dir)? {
         let text = std::fs::read(&p).ctx(format!("reading {}", p.display()))?;
-        for l in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            if let Ok(r) = Record::parse(l) {
-                if filter.matches(&r) {
-                    out.push(r);
-                }
-            }
-        }
+        out.extend(parse_lines(&text).into_iter().filter(|r| filter.matches(r)));
     }
     Ok(out)
+}
+
+/// The records of the lines in `bytes`; lines that do not parse are skipped (`audit verify`
+/// reports them).
+pub fn parse_lines(bytes: &[u8]) -> Vec<Record> {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| Record::parse(l).ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keyward::audit::file::list;
-use keyward::audit::query::{self, Filter};
+use keyward::audit::query::{self, parse_lines, Filter};
 use keyward::audit::verify::verify_dir;
 use keyward::audit::Record;
 use keyward::{Error, Result};
@@ -120,38 +120,62 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<bool> {
             Ok(true)
         }
         AuditCmd::Tail { lines, follow } => {
-            let all = query::query(&dir, &Filter::default())?;
+            // The last `lines` records: read files from the newest back only as far as needed.
+            let mut newest: Vec<Record> = Vec::new();
+            for (_, p) in list(&dir)?.iter().rev() {
+                if newest.len() >= lines {
+                    break;
+                }
+                let mut recs = parse_lines(&read_from(p, 0)?);
+                recs.append(&mut newest);
+                newest = recs;
+            }
             let mut last = 0;
-            for r in all.iter().skip(all.len().saturating_sub(lines)) {
+            for r in newest.iter().skip(newest.len().saturating_sub(lines)) {
                 print_record(ctx, r);
                 last = r.seq;
             }
             if !follow {
                 return Ok(true);
             }
+            // Follow from the end of the newest file: read only what is appended (a whole
+            // line at a time), then move on when a newer file starts.
+            let mut at = list(&dir)?.last().map(|(i, p)| {
+                let len = std::fs::metadata(p).map_or(0, |m| m.len());
+                (*i, len)
+            });
             loop {
                 std::thread::sleep(Duration::from_millis(200));
-                // Only the newest file can have grown (or a newer one appeared).
-                let newest = list(&dir)?.into_iter().rev().take(2).collect::<Vec<_>>();
-                let mut fresh = Vec::new();
-                for (_, p) in newest.iter().rev() {
-                    let text = std::fs::read(p)
-                        .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
-                    for l in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                        if let Ok(r) = Record::parse(l) {
-                            if r.seq > last {
-                                fresh.push(r);
-                            }
+                for (i, p) in list(&dir)? {
+                    let from = match at {
+                        Some((cur, off)) if i == cur => off,
+                        Some((cur, _)) if i < cur => continue,
+                        _ => 0,
+                    };
+                    let new = read_from(&p, from)?;
+                    let whole = new.iter().rposition(|&b| b == b'\n').map_or(0, |n| n + 1);
+                    for r in parse_lines(&new[..whole]) {
+                        if r.seq > last {
+                            last = r.seq;
+                            print_record(ctx, &r);
                         }
                     }
-                }
-                for r in fresh {
-                    last = last.max(r.seq);
-                    print_record(ctx, &r);
+                    at = Some((i, from + whole as u64));
                 }
             }
         }
     }
+}
+
+/// The bytes of `p` from offset `from` on.
+fn read_from(p: &std::path::Path, from: u64) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |e| Error::io(format!("reading {}", p.display()), e);
+    let mut f = std::fs::File::open(p).map_err(io)?;
+    f.seek(SeekFrom::Start(from)).map_err(io)?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out).map_err(io)?;
+    Ok(out)
 }
 
 fn print_record(ctx: &Ctx, r: &Record) {
