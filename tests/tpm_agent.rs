@@ -466,8 +466,12 @@ fn swtpm_hung_or_killed_mid_run_answers_in_time_and_the_agent_serves_again() {
     c.sign(&key_name("ec"), b"warm", None).expect("sign before");
     common::signal(swtpm_pid, libc::SIGSTOP);
     for _ in 0..2 {
+        // A lone request may be signed on its connection's thread, which the hung TPM then
+        // holds: the watchdog answers it and closes that connection (D14). So each try uses
+        // a connection of its own; `c` stays for after the resume.
+        let mut hung = agent.client();
         let t = Instant::now();
-        let e = c
+        let e = hung
             .sign(&key_name("ec"), b"hung", None)
             .expect_err("a hung TPM cannot sign");
         let took = t.elapsed();

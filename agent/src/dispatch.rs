@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -47,6 +47,9 @@ struct Served {
 struct Table {
     keys: HashMap<KeyName, Arc<Served>>,
 }
+
+/// The device timeout for a device call on a connection thread when the backend names none.
+const DEVICE_LIMIT: Duration = Duration::from_millis(2000);
 
 pub struct State {
     pub home: Home,
@@ -241,21 +244,33 @@ impl State {
         }
     }
 
-    /// A token key signed on the calling connection's thread, when the connection marked the
-    /// request lone and the token has an idle session (pool.rs `Pool::sign_here`); `None`:
-    /// queue it on the worker pool.
+    /// A device key signed on the calling connection's thread, when the connection marked
+    /// the request lone and the device is free (a PKCS#11 token's idle session, a TPM's idle
+    /// context; pool.rs `Pool::sign_here`); `None`: queue it as usual.
     fn sign_here(
         &self,
         key: &KeyRef,
         alg: Algorithm,
         msg: &[u8],
     ) -> Option<Result<keyward::backend::Signature>> {
-        if key.backend != BackendKind::Pkcs11 {
-            return None;
-        }
         let alias = key.locator.split_once(':')?.0;
-        let token = self.tokens().get(alias)?.clone();
-        self.pool.sign_here(&token, key, alg, msg)
+        match key.backend {
+            BackendKind::Pkcs11 => {
+                let token = self.tokens().get(alias)?.clone();
+                let limit = token.timeout().unwrap_or(DEVICE_LIMIT);
+                let device = format!("pkcs11 token `{alias}`");
+                self.pool
+                    .sign_here(device, limit, || token.idle_session(), key, alg, msg)
+            }
+            BackendKind::Tpm => {
+                let tpm = self.tpms().get(alias)?.clone();
+                let limit = tpm.timeout().unwrap_or(DEVICE_LIMIT);
+                let device = format!("tpm `{alias}`");
+                self.pool
+                    .sign_here(device, limit, || tpm.idle_worker(), key, alg, msg)
+            }
+            _ => None,
+        }
     }
 
     /// Re-read keyward.toml and the key registry. A bad config keeps the running one.
@@ -888,9 +903,9 @@ impl State {
         } else if let Some(sig) = self.sign_here(&key_ref, alg, &msg) {
             sig?
         } else if key_ref.backend == BackendKind::Tpm && multi_thread_runtime() {
-            // The TPM backend queues to its own worker thread (the one owning the TPM context)
-            // and waits at most its timeout_ms, so this call is bounded by itself; a hop to the
-            // pool first would only add a cross-thread wake-up (D14).
+            // The TPM context is busy: the backend queues to its own worker thread and waits
+            // at most its timeout_ms, so this call is bounded by itself; a hop to the pool
+            // first would only add a cross-thread wake-up (D14).
             tokio::task::block_in_place(|| backend.sign(&key_ref, alg, &msg))?
         } else {
             let limit = backend.timeout();

@@ -15,8 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
-use keyward::backend::pkcs11::Pkcs11Backend;
-use keyward::backend::{Backend, Signature};
+use keyward::backend::pkcs11::IdleSession;
+use keyward::backend::tpm::IdleWorker;
+use keyward::backend::Signature;
 use keyward::model::{Algorithm, KeyRef};
 use keyward::proto::{frame, Response};
 use keyward::{Error, Result};
@@ -81,17 +82,20 @@ impl Pool {
     }
 
     /// Sign on the calling thread when that costs no waiting: the connection marked the
-    /// request [`LONE`], fewer than `workers` such calls are running, and `token` is connected
-    /// with an idle session. `None`: queue it with [`Pool::run`] as usual.
+    /// request [`LONE`], fewer than `workers` such calls are running, and `idle` finds the
+    /// device connected and free (a PKCS#11 session, the TPM context). `None`: queue it as
+    /// usual. `device` names it in the timeout error ("pkcs11 token `t`", "tpm `t`").
     ///
     /// The device call runs inside `block_in_place`, so the runtime hands this worker's other
     /// tasks and the I/O driver to another thread first; the reactor never waits for a device.
-    /// If the call outlives the token's timeout, the watchdog answers `backend_unavailable`
-    /// and closes the connection (whose task is still in the call); the thread, the session
-    /// and the slot stay taken until the device returns, as a pool worker would.
-    pub fn sign_here(
+    /// If the call outlives `limit`, the watchdog answers `backend_unavailable` and closes the
+    /// connection (whose task is still in the call); the thread, the session and the slot
+    /// stay taken until the device returns, as a pool worker would.
+    pub fn sign_here<I: Idle>(
         &self,
-        token: &Pkcs11Backend,
+        device: String,
+        limit: Duration,
+        idle: impl FnOnce() -> Option<I>,
         key: &KeyRef,
         alg: Algorithm,
         msg: &[u8],
@@ -108,12 +112,11 @@ impl Pool {
             return None;
         }
         let slot = Slot(&self.here);
-        let session = token.idle_session()?;
-        let limit = token.timeout().unwrap_or(Duration::from_millis(2000));
+        let session = idle()?;
         let call = Arc::new(Call {
             state: Mutex::new(CallState::Running),
             answer,
-            token: token.alias().to_string(),
+            device,
             limit,
         });
         let id = watchdog.arm(call.clone(), Instant::now() + limit);
@@ -164,6 +167,23 @@ impl Pool {
     }
 }
 
+/// A device that was free when asked, ready to sign once on the calling thread.
+pub trait Idle {
+    fn sign(self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature>;
+}
+
+impl Idle for IdleSession<'_> {
+    fn sign(self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
+        IdleSession::sign(self, key, alg, msg)
+    }
+}
+
+impl Idle for IdleWorker<'_> {
+    fn sign(self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
+        IdleWorker::sign(self, key, alg, msg)
+    }
+}
+
 /// One slot of the device calls running on connection threads.
 struct Slot<'a>(&'a AtomicUsize);
 
@@ -184,7 +204,8 @@ enum CallState {
 struct Call {
     state: Mutex<CallState>,
     answer: Answer,
-    token: String,
+    /// "pkcs11 token `t`", "tpm `t`": for the error and the log.
+    device: String,
     limit: Duration,
 }
 
@@ -195,8 +216,8 @@ impl Call {
 
     fn error(&self) -> Error {
         Error::BackendUnavailable(format!(
-            "pkcs11 token `{}`: the device did not answer within {} ms",
-            self.token,
+            "{}: the device did not answer within {} ms",
+            self.device,
             self.limit.as_millis()
         ))
     }
@@ -210,7 +231,7 @@ impl Call {
         }
         *state = CallState::Expired;
         let e = self.error();
-        tracing::warn!(token = %self.token, "{e}; answered by the watchdog, closing the connection");
+        tracing::warn!(device = %self.device, "{e}; answered by the watchdog, closing the connection");
         let answer = frame::encode(&Response::err(self.answer.id, &e).to_bytes());
         // The socket is non-blocking: a client that does not read gets only the close.
         let _ = (&*self.answer.socket).write(&answer);
@@ -357,7 +378,7 @@ mod tests {
                 id: Some(7),
                 socket: Arc::new(socket),
             },
-            token: "tok".into(),
+            device: "pkcs11 token `tok`".into(),
             limit,
         })
     }

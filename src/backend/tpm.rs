@@ -198,6 +198,10 @@ pub struct TpmBackend {
     tcti: String,
     keys_dir: PathBuf,
     tx: Sender<Job>,
+    /// The TPM context and its loaded keys. The worker thread takes it for each queued job; a
+    /// caller that finds it free with nothing queued may use it on its own thread
+    /// ([`TpmBackend::idle_worker`]), saving two cross-thread wake-ups per signature.
+    worker: Arc<Mutex<Worker>>,
     status: Arc<Mutex<Status>>,
     /// Parsed key blobs by locator. A blob file is written once and never changed (a new
     /// version is a new file), so it is read and parsed once, not on every signature.
@@ -289,11 +293,13 @@ impl TpmBackend {
             auth_rejected: None,
             status: status.clone(),
         };
+        let worker = Arc::new(Mutex::new(worker));
         let (exit_guard, exited) = crossbeam_channel::bounded::<()>(0);
+        let owned = worker.clone();
         thread::Builder::new()
             .name(format!("keyward-tpm-{alias}"))
             .spawn(move || {
-                worker.run(rx);
+                Worker::run(&owned, rx);
                 drop(exit_guard);
             })
             .map_err(|e| Error::Internal(format!("starting the TPM worker: {e}")))?;
@@ -303,6 +309,7 @@ impl TpmBackend {
             tcti,
             keys_dir: keys_dir.to_path_buf(),
             tx,
+            worker,
             status,
             blobs: Mutex::new(HashMap::new()),
             exited,
@@ -555,6 +562,38 @@ impl TpmBackend {
     }
 
     /// Whether the TPM rejected an auth value (the backend then waits for a reload).
+    /// The key and the bytes the TPM signs (a digest, or the HMAC message), checked before
+    /// anything is sent to the TPM.
+    fn sign_input(&self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<(KeyData, Vec<u8>)> {
+        let data = self.key_data(key)?;
+        if !matches!(data.source, KeySource::Persistent(_)) && !data.key_type.supports(alg) {
+            return Err(Error::BadRequest(format!(
+                "scheme {alg} does not fit this {} key",
+                data.key_type
+            )));
+        }
+        let input = prepare_input(alg, msg)?;
+        Ok((data, input))
+    }
+
+    /// The TPM context when it is connected, free, and no job waits for it: `None` otherwise
+    /// (the caller then signs through the queue as usual). Lets the agent sign a lone request
+    /// on the thread that read it; the caller must bound the call itself (the agent's
+    /// watchdog does), since a TPM that hangs holds that thread.
+    pub fn idle_worker(&self) -> Option<IdleWorker<'_>> {
+        if !self.tx.is_empty() {
+            return None;
+        }
+        let worker = self.worker.try_lock().ok()?;
+        if worker.conn.is_none() || worker.auth_rejected.is_some() {
+            return None;
+        }
+        Some(IdleWorker {
+            backend: self,
+            worker,
+        })
+    }
+
     pub fn auth_rejected(&self) -> bool {
         self.status
             .lock()
@@ -679,14 +718,7 @@ impl Backend for TpmBackend {
     }
 
     fn sign(&self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
-        let data = self.key_data(key)?;
-        if !matches!(data.source, KeySource::Persistent(_)) && !data.key_type.supports(alg) {
-            return Err(Error::BadRequest(format!(
-                "scheme {alg} does not fit this {} key",
-                data.key_type
-            )));
-        }
-        let input = prepare_input(alg, msg)?;
+        let (data, input) = self.sign_input(key, alg, msg)?;
         self.call(self.limit(), move |w| {
             w.with_conn(|c| c.sign(&data, alg, &input))
         })
@@ -711,6 +743,21 @@ impl Backend for TpmBackend {
             // key but leaves the object (evict it with `tpm2_evictcontrol -c <handle>`).
             Locator::Persistent(_) => Ok(()),
         }
+    }
+}
+
+/// The TPM context, taken by a caller while it was free (see [`TpmBackend::idle_worker`]).
+pub struct IdleWorker<'a> {
+    backend: &'a TpmBackend,
+    worker: std::sync::MutexGuard<'a, Worker>,
+}
+
+impl IdleWorker<'_> {
+    /// `Backend::sign` without the queue: the same checks, key loading and failure handling
+    /// as the worker thread's. Blocks for the TPM call.
+    pub fn sign(mut self, key: &KeyRef, alg: Algorithm, msg: &[u8]) -> Result<Signature> {
+        let (data, input) = self.backend.sign_input(key, alg, msg)?;
+        self.worker.with_conn(|c| c.sign(&data, alg, &input))
     }
 }
 
@@ -860,16 +907,20 @@ struct Conn {
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Job>) {
+    fn run(me: &Mutex<Worker>, rx: Receiver<Job>) {
+        let lock = || me.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(job) = rx.recv() {
+            // A caller on its own thread may hold the context (a hung TPM holds it long).
+            let mut w = lock();
             // Its caller has given up: do not sign something nobody will receive.
             if Instant::now() >= job.deadline {
                 continue;
             }
-            (job.run)(&mut self);
+            (job.run)(&mut w);
         }
-        // Every sender is gone (backend dropped): flush what is loaded and close.
-        if let Some(mut c) = self.conn.take() {
+        // Every sender is gone (backend dropped): flush what is loaded and close, here, so
+        // the TSS state is freed on this thread before it exits (see `TpmBackend::drop`).
+        if let Some(mut c) = lock().conn.take() {
             c.forget_all();
         }
     }
